@@ -1,0 +1,61 @@
+"""The ViLD configuration node: ``add_vild_config(cfg)`` and nothing else."""
+from detectron2.config import CfgNode as CN
+
+
+def add_vild_config(cfg):
+    """Add the ``cfg.MODEL.VILD`` node (and the few data keys ViLD needs) to a detectron2 config."""
+    _C = cfg
+    _C.MODEL.VILD = CN()
+    # CLIP teacher: an OpenAI model name ("ViT-B/32"), an OpenAI .pt archive, a state-dict file
+    # or the embedded world's teacher; loaded by vild_d2.teacher.load_clip.
+    _C.MODEL.VILD.CLIP_MODEL = "ViT-B/32"
+    # Dimension of the CLIP joint embedding space the region embeddings are projected into.
+    _C.MODEL.VILD.EMBED_DIM = 512
+    # Softmax temperature tau: logits = cosine / tau (the paper: 0.01, i.e. x100).
+    _C.MODEL.VILD.TEMPERATURE = 0.01
+    # Prompt templates for the class text embeddings ("{}" is the class name); the
+    # embeddings of all templates are normalised, averaged and renormalised.
+    _C.MODEL.VILD.PROMPT_TEMPLATES = ["a photo of a {}."]
+    # Optional precomputed class text embeddings (.npy, [num_classes, EMBED_DIM]) used
+    # instead of computing them from CLIP_MODEL; "" computes (and caches) them.
+    _C.MODEL.VILD.TEXT_EMBEDDINGS_PATH = ""
+    # Where computed text embeddings are cached (keyed by checkpoint, templates and names).
+    _C.MODEL.VILD.TEXT_EMBEDDINGS_CACHE_DIR = "datasets/cache/text_embeddings"
+    # Std of the normal initialisation of the learned background embedding (then normalised).
+    _C.MODEL.VILD.BACKGROUND_INIT_STD = 0.01
+    # Weight of the ViLD-text (classification) loss.
+    _C.MODEL.VILD.TEXT_LOSS_WEIGHT = 1.0
+    # Weight of the ViLD-image L1 distillation loss (the paper: 0.5 for R50); 0 disables it.
+    _C.MODEL.VILD.IMAGE_LOSS_WEIGHT = 0.5
+    # Mode: "text" (ViLD-text), "vild" (text + image, one head), "image" (image loss only)
+    # or "ensemble" (ViLD-ensemble: a second head for the image branch).
+    _C.MODEL.VILD.MODE = "vild"
+    # ViLD-ensemble geometric-mean weight lambda: base = p_text^l * p_img^(1-l),
+    # novel = p_text^(1-l) * p_img^l.
+    _C.MODEL.VILD.ENSEMBLE_LAMBDA = 2.0 / 3.0
+    # Label assignment of proposals to ground truth: "iou" (detectron2's matcher) or "iot"
+    # (intersection over the ground-truth box's area, the original document's rule).
+    _C.MODEL.VILD.LABEL_ASSIGNMENT = "iou"
+    # IoT threshold above which a proposal takes the ground truth's class under "iot".
+    _C.MODEL.VILD.IOT_THRESHOLD = 0.8
+    # Test-time vocabulary: class names; empty = the test dataset's thing_classes.
+    _C.MODEL.VILD.TEST_VOCABULARY = []
+    # Classes of the test vocabulary treated as novel by the ensemble; empty = the test
+    # dataset's novel_classes metadata.
+    _C.MODEL.VILD.TEST_NOVEL_CLASSES = []
+
+    # Cached CLIP embeddings of stage-1 proposals (written by tools/precompute_clip_embeddings.py).
+    _C.MODEL.VILD.DISTILL = CN()
+    # Directory of the embedding cache; "" = no image distillation input.
+    _C.MODEL.VILD.DISTILL.CACHE_DIR = ""
+    # Number M of cached proposals per image used for the image loss (the paper: 300).
+    _C.MODEL.VILD.DISTILL.NUM_PROPOSALS = 300
+    # Crop scales around each proposal whose embeddings were summed (the paper: 1x and 1.5x).
+    _C.MODEL.VILD.DISTILL.CROP_SCALES = [1.0, 1.5]
+    # Proposals smaller than this side (pixels, original image) are dropped before cropping.
+    _C.MODEL.VILD.DISTILL.MIN_BOX_SIZE = 4.0
+    # Sum the per-scale embeddings and L2-normalise (True) or keep the 1x embedding only.
+    _C.MODEL.VILD.DISTILL.ENSEMBLE_CROPS = True
+    # Batch size of crops per CLIP encoder call when precomputing.
+    _C.MODEL.VILD.DISTILL.CROP_BATCH_SIZE = 256
+    return cfg

@@ -1,0 +1,50 @@
+"""Registration of the built-in open-vocabulary datasets, rooted at $DETECTRON2_DATASETS."""
+import os
+
+from ..splits import load_split
+from .ovd_voc import register_ovd_voc
+
+# (name prefix, [(VOC folder, image set), ...], year used by the evaluator)
+_VOC_SETS = [
+    ("voc_ovd_2007_trainval", [("VOC2007", "trainval")], 2007),
+    ("voc_ovd_2007_test", [("VOC2007", "test")], 2007),
+    ("voc_ovd_2012_trainval", [("VOC2012", "trainval")], 2012),
+    ("voc_ovd_0712_trainval", [("VOC2007", "trainval"), ("VOC2012", "trainval")], 2007),
+]
+
+
+def datasets_root() -> str:
+    return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
+
+
+def register_all_voc_ovd(root: str, split_name: str = "voc_16_4") -> None:
+    """Test sets hold all classes; training sets get a "_base" and an "_all" (oracle) variant."""
+    split = load_split(split_name)
+    for prefix, parts, year in _VOC_SETS:
+        dirs = [os.path.join(root, folder) for folder, _ in parts]
+        sets = [image_set for _, image_set in parts]
+        if prefix.endswith("_test"):
+            register_ovd_voc(prefix, dirs, sets, split, subset="all", year=year)
+        else:
+            for subset in ("base", "all"):
+                register_ovd_voc(f"{prefix}_{subset}", dirs, sets, split, subset=subset, year=year)
+
+
+def register_shapes_ovd(root: str, name: str = "shapes_ovd", split=None) -> None:
+    """The embedded world (datasets/prepare_shapes_ovd.py) under ``root/name``.
+
+    Its split is the one the generator wrote beside the tree, else the default 12/4 split.
+    """
+    dirname = os.path.join(root, name)
+    if split is None:
+        written = os.path.join(dirname, "split.json")
+        split = written if os.path.exists(written) else "shapes_ovd_12_4"
+    split = load_split(split)
+    for subset in ("base", "all"):
+        register_ovd_voc(f"{name}_trainval_{subset}", dirname, "trainval", split, subset=subset)
+    register_ovd_voc(f"{name}_test", dirname, "test", split, subset="all")
+
+
+_root = datasets_root()
+register_all_voc_ovd(_root)
+register_shapes_ovd(_root)
