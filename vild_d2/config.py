@@ -38,6 +38,8 @@ def add_vild_config(cfg):
     _C.MODEL.VILD.LABEL_ASSIGNMENT = "iou"
     # IoT threshold above which a proposal takes the ground truth's class under "iot".
     _C.MODEL.VILD.IOT_THRESHOLD = 0.8
+    # Stage 1: train on every box as one "object" class (with MODEL.ROI_HEADS.NUM_CLASSES 1).
+    _C.MODEL.VILD.CLASS_AGNOSTIC_LABELS = False
     # Test-time vocabulary: class names; empty = the test dataset's thing_classes.
     _C.MODEL.VILD.TEST_VOCABULARY = []
     # Classes of the test vocabulary treated as novel by the ensemble; empty = the test

@@ -1,0 +1,216 @@
+"""ViLD heads on hand-made tensors, in the style of detectron2's tests/modeling/test_fast_rcnn.py."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.roi_heads import build_roi_heads
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from vild_d2 import add_vild_config
+from vild_d2.data.datasets import register_ovd_voc
+from vild_d2.modeling import ViLDTextPredictor, image_distillation_loss
+
+DIM = 8
+# metadata only: a 4-class split whose base (training) vocabulary has 3 classes
+register_ovd_voc("heads_test_base", "unused", "train",
+                 {"name": "h", "classes": ["a", "b", "c", "d"], "novel_classes": ["d"]}, "base")
+
+
+def _predictor(num_classes=3, feat=16, seed=0, **kw):
+    torch.manual_seed(seed)
+    text = F.normalize(torch.randn(num_classes, DIM), dim=-1)
+    return ViLDTextPredictor(
+        ShapeSpec(channels=feat), box2box_transform=Box2BoxTransform((10, 10, 5, 5)),
+        text_embeddings=text, **kw,
+    )
+
+
+def _proposals(n, gt_classes, size=(32, 32)):
+    p = Instances(size)
+    p.proposal_boxes = Boxes(torch.tensor([[1.0, 1, 10, 10]] * n))
+    p.gt_boxes = Boxes(torch.tensor([[2.0, 2, 11, 11]] * n))
+    p.gt_classes = torch.tensor(gt_classes)
+    return p
+
+
+def test_region_equal_to_class_embedding_wins():
+    pred = _predictor()
+    logits = pred.classify(pred.text_embeddings[[2, 0]])
+    assert logits.shape == (2, 4)  # 3 classes + background (last)
+    assert logits.argmax(1).tolist() == [2, 0]
+    # cosine 1 over temperature 0.01
+    assert torch.allclose(logits[0, 2], torch.tensor(100.0))
+
+
+def test_logits_are_cosine_over_temperature():
+    pred = _predictor(temperature=0.05)
+    x = torch.randn(5, 16)
+    logits, deltas = pred(x)
+    emb = F.normalize(pred.projection(x), dim=-1)
+    bg = F.normalize(pred.background, dim=0)
+    expected = torch.cat([emb @ pred.text_embeddings.t(), (emb @ bg)[:, None]], 1) / 0.05
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert deltas.shape == (5, 4)  # class-agnostic regression
+
+
+def test_gradients_reach_background_but_not_text_embeddings():
+    pred = _predictor()
+    x = torch.randn(6, 16)
+    with EventStorage():
+        losses = pred.losses(pred(x), [_proposals(6, [0, 1, 2, 3, 3, 1])])
+    sum(losses.values()).backward()
+    assert pred.background.grad is not None and pred.background.grad.abs().sum() > 0
+    assert not pred.text_embeddings.requires_grad
+    assert "text_embeddings" not in dict(pred.named_parameters())
+    assert "text_embeddings" not in pred.state_dict()  # the vocabulary is not part of the weights
+
+
+def test_vocabulary_swap_changes_classes_and_scores():
+    pred = _predictor(num_classes=3).eval()
+    x = torch.randn(4, 16)
+    before = pred(x)[0]
+    new = F.normalize(torch.randn(7, DIM), dim=-1)
+    pred.set_vocabulary(new)
+    after = pred(x)[0]
+    assert before.shape == (4, 4) and after.shape == (4, 8)
+    assert pred.num_classes == 7
+    assert torch.allclose(after[:, :7], pred.region_embeddings(x) @ new.t() / 0.01, atol=1e-4)
+    with pytest.raises(ValueError, match="expected \\[num_classes, 8\\]"):
+        pred.set_vocabulary(torch.randn(3, DIM + 1))
+
+
+def test_text_loss_weight_zero_disables_classification_loss():
+    pred = _predictor(text_loss_weight=0.0)
+    with EventStorage():
+        losses = pred.losses(pred(torch.randn(3, 16)), [_proposals(3, [0, 1, 3])])
+    assert losses["loss_cls"].item() == 0.0 and losses["loss_box_reg"].item() > 0
+
+
+def test_l1_distillation_loss():
+    a = F.normalize(torch.randn(5, DIM), dim=-1)
+    assert image_distillation_loss(a, a.clone()).item() == 0.0
+    b = a.clone()
+    b[0] += 0.5
+    # sum over dimensions, mean over RoIs
+    assert torch.isclose(image_distillation_loss(a, b), torch.tensor(0.5 * DIM / 5))
+    assert image_distillation_loss(a[:0], b[:0]).item() == 0.0
+
+
+def test_ensemble_scores_follow_the_formula():
+    pred = _predictor(num_classes=3, novel_class_mask=torch.tensor([False, True, False]))
+    t, i = torch.randn(4, 4), torch.randn(4, 4)
+    probs = pred.ensemble_probs(t, i, 2.0 / 3.0)
+    pt, pi = F.softmax(t, -1), F.softmax(i, -1)
+    assert torch.allclose(probs[:, 0], pt[:, 0] ** (2 / 3) * pi[:, 0] ** (1 / 3))
+    assert torch.allclose(probs[:, 1], pt[:, 1] ** (1 / 3) * pi[:, 1] ** (2 / 3))
+    assert torch.allclose(probs[:, 3], pt[:, 3])
+
+
+# ---- the ROI heads built from a config ------------------------------------------------------
+
+
+def _roi_cfg(tmp_path, mode, num_classes=3, assignment="iou"):
+    cfg = get_cfg()
+    add_vild_config(cfg)
+    path = tmp_path / "text.npy"
+    np.save(path, F.normalize(torch.randn(num_classes, DIM), dim=-1).numpy())
+    cfg.merge_from_list([
+        "MODEL.ROI_HEADS.NAME", "ViLDROIHeads", "MODEL.ROI_HEADS.IN_FEATURES", ["p2"],
+        "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead", "MODEL.ROI_BOX_HEAD.NUM_FC", 1,
+        "MODEL.ROI_BOX_HEAD.FC_DIM", 32, "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 4,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+        "MODEL.VILD.MODE", mode, "MODEL.VILD.EMBED_DIM", DIM,
+        "MODEL.VILD.TEXT_EMBEDDINGS_PATH", str(path), "MODEL.VILD.LABEL_ASSIGNMENT", assignment,
+        "DATASETS.TRAIN", ("heads_test_base",),
+    ])
+    return cfg
+
+
+def _roi_inputs(num_gt=2, num_distill=5):
+    torch.manual_seed(1)
+    features = {"p2": torch.randn(2, 8, 16, 16)}
+    proposals, targets, distill = [], [], []
+    for _ in range(2):
+        p = Instances((64, 64))
+        p.proposal_boxes = Boxes(torch.tensor([[0.0, 0, 30, 30], [10, 10, 50, 50], [5, 5, 60, 60]]))
+        p.objectness_logits = torch.tensor([1.0, 0.5, 0.2])
+        proposals.append(p)
+        t = Instances((64, 64))
+        t.gt_boxes = Boxes(torch.tensor([[0.0, 0, 30, 30], [12, 12, 48, 48]])[:num_gt])
+        t.gt_classes = torch.tensor([0, 2])[:num_gt]
+        targets.append(t)
+        d = Instances((64, 64))
+        d.proposal_boxes = Boxes(torch.cat([torch.rand(num_distill, 2) * 20, 30 + torch.rand(num_distill, 2) * 30], 1))
+        d.clip_embeddings = F.normalize(torch.randn(num_distill, DIM), dim=-1)
+        distill.append(d)
+    return features, proposals, targets, distill
+
+
+@pytest.mark.parametrize("mode", ["text", "vild", "image", "ensemble"])
+def test_roi_heads_losses_per_mode(tmp_path, mode):
+    cfg = _roi_cfg(tmp_path, mode)
+    heads = build_roi_heads(cfg, {"p2": ShapeSpec(channels=8, stride=4)})
+    features, proposals, targets, distill = _roi_inputs()
+    with EventStorage():
+        _, losses = heads(None, features, proposals, targets, distill_targets=distill)
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_image"}
+    if mode == "text":
+        assert losses["loss_image"].item() == 0.0
+    else:
+        assert losses["loss_image"].item() > 0
+    if mode == "image":
+        assert losses["loss_cls"].item() == 0.0
+    sum(losses.values()).backward()
+    if mode == "ensemble":
+        assert heads.image_projection.weight.grad.abs().sum() > 0
+    heads.eval()
+    with torch.no_grad():
+        out, _ = heads(None, features, proposals)
+    assert len(out) == 2 and len(out[0]) > 0 and (out[0].pred_classes < 3).all()
+
+
+def test_distillation_rois_take_no_part_in_text_losses(tmp_path):
+    cfg = _roi_cfg(tmp_path, "vild")
+    heads = build_roi_heads(cfg, {"p2": ShapeSpec(channels=8, stride=4)})
+    features, proposals, targets, distill = _roi_inputs()
+    torch.manual_seed(5)
+    with EventStorage():
+        _, with_distill = heads(None, features, [p[:] for p in proposals], targets, distill)
+    torch.manual_seed(5)
+    with EventStorage():
+        _, without = heads(None, features, [p[:] for p in proposals], targets, None)
+    for k in ("loss_cls", "loss_box_reg"):
+        assert torch.allclose(with_distill[k], without[k], atol=1e-6)
+    assert without["loss_image"].item() == 0.0
+
+
+def test_images_without_annotations_and_empty_distillation(tmp_path):
+    cfg = _roi_cfg(tmp_path, "vild")
+    heads = build_roi_heads(cfg, {"p2": ShapeSpec(channels=8, stride=4)})
+    features, proposals, targets, distill = _roi_inputs(num_gt=0, num_distill=0)
+    with EventStorage():
+        _, losses = heads(None, features, proposals, targets, distill)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_box_reg"].item() == 0.0 and losses["loss_image"].item() == 0.0
+
+
+def test_iot_assigns_a_box_inside_a_large_proposal(tmp_path):
+    features, proposals, targets, _ = _roi_inputs()
+    big = Instances((64, 64))
+    big.proposal_boxes = Boxes(torch.tensor([[0.0, 0, 64, 64]]))
+    big.objectness_logits = torch.tensor([1.0])
+    small = Instances((64, 64))
+    small.gt_boxes = Boxes(torch.tensor([[20.0, 20, 30, 30]]))
+    small.gt_classes = torch.tensor([1])
+    shape = {"p2": ShapeSpec(channels=8, stride=4)}
+    for assignment, expected in (("iou", 3), ("iot", 1)):  # 3 = background (num_classes)
+        cfg = _roi_cfg(tmp_path, "vild", assignment=assignment)
+        cfg.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT = False
+        heads = build_roi_heads(cfg, shape)
+        with EventStorage():
+            labelled = heads.label_and_sample_proposals([big], [small])
+        assert labelled[0].gt_classes.tolist() == [expected]

@@ -1,0 +1,65 @@
+"""A DatasetMapper that attaches each training image's cached proposals and CLIP embeddings.
+
+The cached boxes get exactly the augmentation the image gets (resize, flip, crop); the cached
+embeddings are not recomputed. They arrive as ``dataset_dict["distill"]``: an Instances with
+``proposal_boxes`` and ``clip_embeddings``.
+"""
+import torch
+from detectron2.config import configurable
+from detectron2.data import DatasetMapper
+from detectron2.structures import Boxes, Instances
+
+from .embedding_cache import EmbeddingCache
+
+
+class DistillDatasetMapper(DatasetMapper):
+    @configurable
+    def __init__(
+        self,
+        is_train: bool,
+        *,
+        cache: EmbeddingCache = None,
+        num_proposals: int = 300,
+        class_agnostic: bool = False,
+        **kwargs,
+    ):
+        """
+        Args:
+            cache: the embedding cache; None attaches nothing.
+            num_proposals: how many cached proposals (highest objectness first) per image.
+            class_agnostic: every ground-truth box becomes class 0 (the stage-1 detector).
+            kwargs: DatasetMapper's arguments.
+        """
+        super().__init__(is_train, **kwargs)
+        self.cache = cache
+        self.num_proposals = num_proposals
+        self.class_agnostic = class_agnostic
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = super().from_config(cfg, is_train)
+        cache_dir = cfg.MODEL.VILD.DISTILL.CACHE_DIR
+        if is_train and cache_dir:
+            ret["cache"] = EmbeddingCache(cache_dir)
+        ret["num_proposals"] = cfg.MODEL.VILD.DISTILL.NUM_PROPOSALS
+        ret["class_agnostic"] = cfg.MODEL.VILD.CLASS_AGNOSTIC_LABELS
+        return ret
+
+    def _transform_annotations(self, dataset_dict, transforms, image_shape):
+        super()._transform_annotations(dataset_dict, transforms, image_shape)
+        if self.class_agnostic:
+            dataset_dict["instances"].gt_classes.zero_()
+        if self.cache is not None:
+            dataset_dict["distill"] = self._distill_instances(
+                dataset_dict["image_id"], transforms, image_shape
+            )
+
+    def _distill_instances(self, image_id, transforms, image_shape) -> Instances:
+        entry = self.cache.get(image_id, top_k=self.num_proposals)
+        boxes = Boxes(torch.as_tensor(transforms.apply_box(entry.boxes), dtype=torch.float32))
+        boxes.clip(image_shape)
+        keep = boxes.nonempty()
+        distill = Instances(image_shape)
+        distill.proposal_boxes = boxes[keep]
+        distill.clip_embeddings = torch.as_tensor(entry.embeddings[keep.numpy()], dtype=torch.float32)
+        return distill

@@ -1,0 +1,153 @@
+"""The cache of CLIP embeddings of stage-1 proposals, read by training and written by
+tools/precompute_clip_embeddings.py.
+
+Layout of a finished cache directory (all arrays memory-mappable):
+  boxes.npy       float32 [N, 4]  proposal boxes, XYXY in the original image's pixels
+  scores.npy      float32 [N]     stage-1 objectness (after NMS, sorted descending per image)
+  embeddings.npy  float16 [N, D]  L2-normalised CLIP image embeddings of the crops
+  index.json      {"image_ids": [...], "offsets": [...]}: image i owns rows offsets[i]:offsets[i+1]
+  manifest.json   what produced the cache; written last, so its presence marks completion
+"""
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+CACHE_FORMAT_VERSION = 1
+
+
+class CacheError(RuntimeError):
+    """A cache that is missing, incomplete or does not match its consumer."""
+
+
+@dataclass
+class CacheEntry:
+    boxes: np.ndarray  # float32 [M, 4]
+    scores: np.ndarray  # float32 [M]
+    embeddings: np.ndarray  # float16 [M, D]
+
+
+class EmbeddingCache:
+    """Read-only, memory-mapped access to a finished cache: O(1) lookup by image id."""
+
+    def __init__(self, cache_dir: str):
+        manifest_path = os.path.join(cache_dir, MANIFEST)
+        if not os.path.isfile(manifest_path):
+            raise CacheError(
+                f"embedding cache {cache_dir} is missing or unfinished (no {MANIFEST}); run "
+                "tools/precompute_clip_embeddings.py, which resumes an interrupted run"
+            )
+        with open(manifest_path) as f:
+            self.manifest = json.load(f)
+        with open(os.path.join(cache_dir, "index.json")) as f:
+            index = json.load(f)
+        offsets = index["offsets"]
+        self._rows: Dict[str, Tuple[int, int]] = {
+            str(i): (offsets[k], offsets[k + 1]) for k, i in enumerate(index["image_ids"])
+        }
+        self.cache_dir = cache_dir
+        self.boxes = np.load(os.path.join(cache_dir, "boxes.npy"), mmap_mode="r")
+        self.scores = np.load(os.path.join(cache_dir, "scores.npy"), mmap_mode="r")
+        self.embeddings = np.load(os.path.join(cache_dir, "embeddings.npy"), mmap_mode="r")
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, image_id) -> bool:
+        return str(image_id) in self._rows
+
+    def image_ids(self):
+        return list(self._rows)
+
+    def get(self, image_id, top_k: Optional[int] = None) -> CacheEntry:
+        """The entries of one image, at most ``top_k`` (highest objectness first)."""
+        try:
+            start, end = self._rows[str(image_id)]
+        except KeyError:
+            raise CacheError(
+                f"image '{image_id}' is not in embedding cache {self.cache_dir}; the cache was "
+                "built for another dataset (see its manifest.json) - rebuild it for this one"
+            ) from None
+        if top_k is not None:
+            end = min(end, start + top_k)
+        return CacheEntry(
+            np.asarray(self.boxes[start:end], dtype=np.float32),
+            np.asarray(self.scores[start:end], dtype=np.float32),
+            np.asarray(self.embeddings[start:end]),
+        )
+
+    def check_compatible(self, **expected) -> None:
+        """Raise one line naming both values when the manifest disagrees with ``expected``.
+
+        Keys compared: any manifest key, e.g. clip_fingerprint, embed_dim, crop_scales.
+        """
+        for key, want in expected.items():
+            have = self.manifest.get(key)
+            if isinstance(want, (list, tuple)):
+                same = have is not None and [float(x) for x in have] == [float(x) for x in want]
+            else:
+                same = have == want
+            if not same:
+                raise CacheError(
+                    f"embedding cache {self.cache_dir} has {key}={have!r} but the config asks for "
+                    f"{key}={want!r}; rebuild the cache with tools/precompute_clip_embeddings.py or "
+                    "point MODEL.VILD.DISTILL.CACHE_DIR at a matching one"
+                )
+
+
+def write_cache(
+    cache_dir: str,
+    entries: Iterable[Tuple[str, CacheEntry]],
+    manifest: dict,
+    embed_dim: Optional[int] = None,
+) -> None:
+    """Write a finished cache atomically: arrays and index first, manifest last."""
+    os.makedirs(cache_dir, exist_ok=True)
+    if os.path.exists(os.path.join(cache_dir, MANIFEST)):
+        os.remove(os.path.join(cache_dir, MANIFEST))  # the old arrays stop being complete now
+    ids, boxes, scores, embs, offsets = [], [], [], [], [0]
+    for image_id, e in entries:
+        ids.append(str(image_id))
+        boxes.append(np.asarray(e.boxes, np.float32).reshape(-1, 4))
+        scores.append(np.asarray(e.scores, np.float32).reshape(-1))
+        embs.append(np.asarray(e.embeddings, np.float16))
+        offsets.append(offsets[-1] + len(boxes[-1]))
+    dim = embed_dim if embed_dim is not None else (embs[0].shape[1] if embs else 0)
+    arrays = {
+        "boxes.npy": np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
+        "scores.npy": np.concatenate(scores) if scores else np.zeros((0,), np.float32),
+        "embeddings.npy": (
+            np.concatenate([e.reshape(-1, dim) for e in embs]) if embs else np.zeros((0, dim), np.float16)
+        ),
+    }
+    for name, arr in arrays.items():
+        _atomic_save(os.path.join(cache_dir, name), arr)
+    _atomic_json(os.path.join(cache_dir, "index.json"), {"image_ids": ids, "offsets": offsets})
+    manifest = dict(manifest, format_version=CACHE_FORMAT_VERSION, num_images=len(ids),
+                    num_proposals_total=offsets[-1], embed_dim=int(dim))
+    _atomic_json(os.path.join(cache_dir, MANIFEST), manifest)
+
+
+def _atomic_save(path: str, arr: np.ndarray) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,65 @@
+"""DefaultTrainer for ViLD: the distillation mapper, open-vocabulary evaluation and a
+per-dataset vocabulary at test time."""
+import logging
+import os
+from collections import OrderedDict
+
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.evaluation import PascalVOCDetectionEvaluator
+
+from ..config import add_vild_config
+from ..data.distill_mapper import DistillDatasetMapper
+from ..modeling.text_predictor import ViLDTextPredictor
+from ..modeling.vocabulary import dataset_vocabulary, set_model_vocabulary
+
+logger = logging.getLogger(__name__)
+
+
+class ViLDTrainer(DefaultTrainer):
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=DistillDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        meta = MetadataCatalog.get(dataset_name)
+        if meta.get("evaluator_type") in ("ovd_voc", "pascal_voc"):
+            return PascalVOCDetectionEvaluator(dataset_name)
+        raise NotImplementedError(f"no evaluator for dataset '{dataset_name}'")
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate each test dataset with its own vocabulary (its thing_classes, unless
+        MODEL.VILD.TEST_VOCABULARY is set); the training vocabulary is restored afterwards."""
+        inner = getattr(model, "module", model)
+        predictor = getattr(getattr(inner, "roi_heads", None), "box_predictor", None)
+        if not isinstance(predictor, ViLDTextPredictor):
+            return super().test(cfg, model, evaluators)
+        saved = (predictor.text_embeddings.clone(), predictor.novel_class_mask.clone())
+        results = OrderedDict()
+        try:
+            for idx, name in enumerate(cfg.DATASETS.TEST):
+                names, novel = dataset_vocabulary(cfg, name)
+                set_model_vocabulary(model, cfg, names, novel)
+                logger.info(f"Evaluating {name} with a {len(names)}-class vocabulary ({len(novel)} novel)")
+                one = cfg.clone()
+                one.defrost()
+                one.DATASETS.TEST = (name,)
+                one_eval = None if evaluators is None else [evaluators[idx]]
+                results[name] = super().test(one, model, one_eval)
+        finally:
+            predictor.set_vocabulary(*saved)
+        return list(results.values())[0] if len(results) == 1 else results
+
+
+def setup_cfg(args):
+    """get_cfg -> add_vild_config -> merge file and command line -> freeze -> default_setup."""
+    cfg = get_cfg()
+    add_vild_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg

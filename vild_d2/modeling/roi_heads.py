@@ -1,0 +1,227 @@
+"""ViLD's ROI heads: detectron2's StandardROIHeads plus the image-distillation branch.
+
+Training: the sampled RoIs feed the text branch (classification against class text embeddings
+and class-agnostic box regression); the cached stage-1 proposals of each image feed the image
+branch, whose region embeddings are pulled towards their cached CLIP embeddings by an L1 loss.
+Mode "vild" shares one box head for both (the cached RoIs ride in the same box-head batch and are
+split off before the text losses); "ensemble" gives the image branch its own box head and
+projection, and combines both heads' probabilities at test time.
+"""
+from typing import List, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.proposal_generator.proposal_utils import add_ground_truth_to_proposals
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling.roi_heads.box_head import build_box_head
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+from detectron2.structures import Instances, pairwise_ioa
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from .text_predictor import ViLDTextPredictor
+
+MODES = ("text", "vild", "image", "ensemble")
+
+
+def _pooled_shape(cfg, input_shape) -> ShapeSpec:
+    channels = input_shape[cfg.MODEL.ROI_HEADS.IN_FEATURES[0]].channels
+    res = cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION
+    return ShapeSpec(channels=channels, height=res, width=res)
+
+
+def _flat_size(shape: ShapeSpec) -> int:
+    return shape.channels * (shape.width or 1) * (shape.height or 1)
+
+
+@ROI_HEADS_REGISTRY.register()
+class ViLDROIHeads(StandardROIHeads):
+    @configurable
+    def __init__(
+        self,
+        *,
+        mode: str = "vild",
+        image_loss_weight: float = 0.5,
+        ensemble_lambda: float = 2.0 / 3.0,
+        image_box_head: Optional[nn.Module] = None,
+        label_assignment: str = "iou",
+        iot_threshold: float = 0.8,
+        **kwargs,
+    ):
+        """
+        Args:
+            mode: "text" (no image loss), "vild" (text + image, one head), "image" (image loss,
+                no classification loss) or "ensemble" (a second head for the image branch).
+            image_loss_weight: weight of the L1 distillation loss.
+            ensemble_lambda: the ensemble's geometric-mean weight.
+            image_box_head: the ensemble's second box head.
+            label_assignment: "iou" (detectron2's matcher) or "iot" (intersection over the
+                ground-truth box's area, matched at ``iot_threshold``).
+            kwargs: StandardROIHeads' arguments; box_predictor must be a ViLDTextPredictor.
+        """
+        super().__init__(**kwargs)
+        if mode not in MODES:
+            raise ValueError(f"MODEL.VILD.MODE must be one of {MODES}, got '{mode}'")
+        if label_assignment not in ("iou", "iot"):
+            raise ValueError(f"MODEL.VILD.LABEL_ASSIGNMENT must be 'iou' or 'iot', got '{label_assignment}'")
+        self.mode = mode
+        self.image_loss_weight = 0.0 if mode == "text" else image_loss_weight
+        self.ensemble_lambda = ensemble_lambda
+        self.label_assignment = label_assignment
+        self.iot_matcher = Matcher([iot_threshold], [0, 1], allow_low_quality_matches=False)
+        if mode == "ensemble":
+            if image_box_head is None:
+                raise ValueError("ViLD-ensemble needs image_box_head, a second box head")
+            self.image_box_head = image_box_head
+            self.image_projection = nn.Linear(
+                _flat_size(image_box_head.output_shape), self.box_predictor.embed_dim
+            )
+            nn.init.normal_(self.image_projection.weight, std=0.01)
+            nn.init.constant_(self.image_projection.bias, 0)
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes follows the predictor's vocabulary, not ROI_HEADS.NUM_CLASSES."""
+        return self.box_predictor.num_classes
+
+    @num_classes.setter
+    def num_classes(self, value):
+        pass  # set by ROIHeads.__init__ from the config; the vocabulary decides instead
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        vild = cfg.MODEL.VILD
+        ret.update(
+            mode=vild.MODE,
+            image_loss_weight=vild.IMAGE_LOSS_WEIGHT,
+            ensemble_lambda=vild.ENSEMBLE_LAMBDA,
+            label_assignment=vild.LABEL_ASSIGNMENT,
+            iot_threshold=vild.IOT_THRESHOLD,
+        )
+        if vild.MODE == "ensemble":
+            ret["image_box_head"] = build_box_head(cfg, _pooled_shape(cfg, input_shape))
+        return ret
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape):
+        ret = super()._init_box_head(cfg, input_shape)
+        ret["box_predictor"] = ViLDTextPredictor(cfg, ret["box_head"].output_shape)
+        return ret
+
+    def forward(self, images, features, proposals, targets=None, distill_targets=None):
+        """As StandardROIHeads.forward; ``distill_targets`` is one Instances per image with
+        ``proposal_boxes`` and ``clip_embeddings`` (or None where an image has no cache)."""
+        del images
+        if not self.training:
+            pred_instances = self._forward_box(features, proposals)
+            return self.forward_with_given_boxes(features, pred_instances), {}
+        proposals = self.label_and_sample_proposals(proposals, targets)
+        losses = self._forward_box(features, proposals, distill_targets)
+        losses.update(self._forward_mask(features, proposals))
+        losses.update(self._forward_keypoint(features, proposals))
+        return proposals, losses
+
+    def _forward_box(self, features, proposals, distill_targets=None):
+        features = [features[f] for f in self.box_in_features]
+        pooled = self.box_pooler(features, [p.proposal_boxes for p in proposals])
+        if not self.training:
+            return self._inference(features, pooled, proposals)
+
+        distill = self._valid_distill(distill_targets, len(proposals))
+        pooled_distill = None
+        if distill is not None:
+            pooled_distill = self.box_pooler(features, [d.proposal_boxes for d in distill])
+        share_head = pooled_distill is not None and self.mode in ("vild", "image")
+        if share_head:  # one box-head pass over [sampled RoIs; cached RoIs], split after
+            head_out = self.box_head(torch.cat([pooled, pooled_distill]))
+            box_feats, distill_feats = head_out[: len(pooled)], head_out[len(pooled) :]
+        else:
+            box_feats = self.box_head(pooled)
+        losses = self.box_predictor.losses(self.box_predictor(box_feats), proposals)
+
+        if pooled_distill is None:
+            # keep every distillation parameter in the graph (DDP) with a zero loss
+            losses["loss_image"] = self._zero_image_loss(box_feats)
+            return losses
+        if share_head:
+            region = self.box_predictor.region_embeddings(distill_feats)
+        else:
+            region = self.box_predictor.region_embeddings(
+                self.image_box_head(pooled_distill), self.image_projection
+            )
+        target = torch.cat([d.clip_embeddings for d in distill]).to(region.dtype)
+        losses["loss_image"] = self.image_loss_weight * image_distillation_loss(region, target)
+        return losses
+
+    def _valid_distill(self, distill_targets, num_images) -> Optional[List[Instances]]:
+        if self.image_loss_weight == 0 or distill_targets is None:
+            return None
+        if any(d is None for d in distill_targets) or len(distill_targets) != num_images:
+            return None
+        if sum(len(d) for d in distill_targets) == 0:
+            return None
+        return distill_targets
+
+    def _zero_image_loss(self, box_feats):
+        if self.mode == "ensemble":
+            params = list(self.image_box_head.parameters()) + list(self.image_projection.parameters())
+            return sum(p.sum() for p in params) * 0.0
+        return box_feats.sum() * 0.0
+
+    def _inference(self, features, pooled, proposals):
+        box_feats = self.box_head(pooled)
+        predictor = self.box_predictor
+        logits, deltas = predictor(box_feats)
+        if self.mode != "ensemble":
+            instances, _ = predictor.inference((logits, deltas), proposals)
+            return instances
+        image_region = predictor.region_embeddings(self.image_box_head(pooled), self.image_projection)
+        probs = predictor.ensemble_probs(logits, predictor.classify(image_region), self.ensemble_lambda)
+        boxes = predictor.predict_boxes((logits, deltas), proposals)
+        counts = [len(p) for p in proposals]
+        instances, _ = fast_rcnn_inference(
+            boxes,
+            probs.split(counts),
+            [p.image_size for p in proposals],
+            predictor.test_score_thresh,
+            predictor.test_nms_thresh,
+            predictor.test_topk_per_image,
+        )
+        return instances
+
+    @torch.no_grad()
+    def label_and_sample_proposals(self, proposals: List[Instances], targets: List[Instances]):
+        if self.label_assignment == "iou":
+            return super().label_and_sample_proposals(proposals, targets)
+        return self._label_and_sample_by_iot(proposals, targets)
+
+    def _label_and_sample_by_iot(self, proposals, targets):
+        """detectron2's labelling loop with IoT (intersection / ground-truth area) as quality."""
+        if self.proposal_append_gt:
+            proposals = add_ground_truth_to_proposals(targets, proposals)
+        sampled, num_fg = [], []
+        for props, tgts in zip(proposals, targets):
+            # [G, P]: the fraction of each ground-truth box that each proposal covers
+            quality = pairwise_ioa(props.proposal_boxes, tgts.gt_boxes).t()
+            matched_idxs, matched_labels = self.iot_matcher(quality)
+            idxs, gt_classes = self._sample_proposals(matched_idxs, matched_labels, tgts.gt_classes)
+            props = props[idxs]
+            props.gt_classes = gt_classes
+            if len(tgts) > 0:
+                for name, value in tgts.get_fields().items():
+                    if name.startswith("gt_") and not props.has(name):
+                        props.set(name, value[matched_idxs[idxs]])
+            num_fg.append((gt_classes != self.num_classes).sum().item())
+            sampled.append(props)
+        get_event_storage().put_scalar("roi_head/num_fg_samples", sum(num_fg) / max(len(num_fg), 1))
+        return sampled
+
+
+def image_distillation_loss(region: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between region and cached CLIP embeddings: sum over dimensions, mean over RoIs."""
+    if len(region) == 0:
+        return region.sum() * 0.0
+    return (region - target).abs().sum(dim=1).mean()

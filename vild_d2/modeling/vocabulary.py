@@ -1,0 +1,59 @@
+"""Which class names the detector scores against, and their text embeddings."""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.data import MetadataCatalog
+
+from ..teacher.text_embeddings import text_embeddings_for
+
+
+def class_embeddings(cfg, names: Sequence[str]) -> torch.Tensor:
+    """[K, D] frozen class embeddings for ``names`` under ``cfg``'s CLIP model and templates."""
+    vild = cfg.MODEL.VILD
+    emb = text_embeddings_for(
+        vild.CLIP_MODEL,
+        list(names),
+        templates=list(vild.PROMPT_TEMPLATES) or None,
+        cache_dir=vild.TEXT_EMBEDDINGS_CACHE_DIR or None,
+        precomputed_path=vild.TEXT_EMBEDDINGS_PATH,
+    )
+    if emb.shape[1] != vild.EMBED_DIM:
+        raise ValueError(
+            f"CLIP model '{vild.CLIP_MODEL}' embeds in {emb.shape[1]} dimensions but "
+            f"MODEL.VILD.EMBED_DIM is {vild.EMBED_DIM}; set MODEL.VILD.EMBED_DIM {emb.shape[1]}"
+        )
+    return torch.as_tensor(emb)
+
+
+def novel_mask(names: Sequence[str], novel: Sequence[str]) -> torch.Tensor:
+    novel = set(novel)
+    return torch.tensor([n in novel for n in names], dtype=torch.bool)
+
+
+def dataset_vocabulary(cfg, dataset_name: str) -> Tuple[List[str], List[str]]:
+    """(class names, novel names) the detector uses on ``dataset_name``.
+
+    MODEL.VILD.TEST_VOCABULARY / TEST_NOVEL_CLASSES override the dataset's metadata.
+    """
+    meta = MetadataCatalog.get(dataset_name)
+    names = list(cfg.MODEL.VILD.TEST_VOCABULARY) or list(meta.thing_classes)
+    novel = list(cfg.MODEL.VILD.TEST_NOVEL_CLASSES) or list(meta.get("novel_classes", []))
+    return names, novel
+
+
+def resolve_class_embeddings(cfg, training: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and novel mask of the training vocabulary (training=True) or the first test
+    dataset's vocabulary."""
+    if training:
+        names = list(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes)
+        return class_embeddings(cfg, names), novel_mask(names, [])
+    names, novel = dataset_vocabulary(cfg, cfg.DATASETS.TEST[0])
+    return class_embeddings(cfg, names), novel_mask(names, novel)
+
+
+def set_model_vocabulary(model, cfg, names: Sequence[str], novel: Optional[Sequence[str]] = None):
+    """Point a built ViLD model at another vocabulary (no retraining)."""
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    emb = class_embeddings(cfg, names)
+    model.roi_heads.box_predictor.set_vocabulary(emb, novel_mask(names, novel or []))
+    return model

@@ -1,0 +1,108 @@
+"""Class text embeddings: a prompt ensemble through CLIP's text encoder, cached to .npy.
+
+Each template's embedding is L2-normalised, the embeddings are averaged over templates, and the
+mean is renormalised (the ViLD/CLIP prompt ensemble).
+"""
+import hashlib
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def encode_class_names(model, names: Sequence[str], templates: Sequence[str], batch_size: int = 256):
+    """[len(names), D] float32 prompt-ensemble embeddings from a loaded CLIP model."""
+    import clip
+
+    if not templates:
+        raise ValueError("at least one prompt template is needed, e.g. 'a photo of a {}.'")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"prompt templates {bad} have no '{{}}' for the class name")
+    device = next(model.parameters()).device
+    out = []
+    for name in names:
+        prompts = [t.format(name) for t in templates]
+        embs = []
+        for i in range(0, len(prompts), batch_size):
+            tokens = clip.tokenize(prompts[i : i + batch_size], truncate=True).to(device)
+            embs.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+        out.append(F.normalize(torch.cat(embs).mean(0), dim=-1))
+    return torch.stack(out).cpu() if out else torch.zeros(0, model.text_projection.shape[1])
+
+
+def cache_key(fingerprint: str, templates: Sequence[str], names: Sequence[str]) -> str:
+    blob = json.dumps({"clip": fingerprint, "templates": list(templates), "names": list(names)})
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def text_embeddings_for(
+    clip_model: str,
+    names: Sequence[str],
+    templates: Optional[Sequence[str]] = None,
+    cache_dir: Optional[str] = None,
+    precomputed_path: str = "",
+) -> np.ndarray:
+    """Class embeddings [K, D] for ``names``: from a precomputed .npy, the cache, or CLIP.
+
+    ``templates`` None means the checkpoint's own templates (the embedded teacher's manifest)
+    or the project's default list.
+    """
+    if precomputed_path:
+        return load_precomputed(precomputed_path, len(names))
+    from .loader import load_clip
+    from .templates import DEFAULT_TEMPLATES
+
+    model, info = None, None
+    fingerprint = _fingerprint_without_loading(clip_model)
+    if fingerprint is None or templates is None:
+        model, info = load_clip(clip_model)
+        fingerprint = info.fingerprint
+        if templates is None:
+            templates = info.templates or DEFAULT_TEMPLATES
+    path = None
+    if cache_dir:
+        path = os.path.join(cache_dir, f"{cache_key(fingerprint, templates, names)}.npy")
+        if os.path.isfile(path):
+            return np.load(path)
+    if model is None:
+        model, info = load_clip(clip_model)
+    emb = encode_class_names(model, names, templates).numpy().astype(np.float32)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, emb)
+        os.replace(tmp, path)
+        with open(path[:-4] + ".json", "w") as f:
+            json.dump({"clip": clip_model, "fingerprint": fingerprint, "templates": list(templates),
+                       "names": list(names)}, f, indent=1)
+    return emb
+
+
+def load_precomputed(path: str, num_classes: int) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"text embeddings file {path} does not exist; write it with "
+            "tools/compute_text_embeddings.py or clear MODEL.VILD.TEXT_EMBEDDINGS_PATH"
+        )
+    emb = np.load(path).astype(np.float32)
+    if emb.ndim != 2 or emb.shape[0] != num_classes:
+        raise ValueError(
+            f"text embeddings file {path} has shape {tuple(emb.shape)} but the vocabulary has "
+            f"{num_classes} classes; recompute it for this vocabulary"
+        )
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def _fingerprint_without_loading(clip_model: str) -> Optional[str]:
+    from .loader import checkpoint_fingerprint
+
+    try:
+        return checkpoint_fingerprint(clip_model)
+    except Exception:
+        return None
