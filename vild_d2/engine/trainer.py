@@ -12,6 +12,7 @@ from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import PascalVOCDetectionEvaluator
 
 from ..config import add_vild_config
+from ..evaluation import OVDPascalVOCEvaluator
 from ..data.distill_mapper import DistillDatasetMapper
 from ..modeling.text_predictor import ViLDTextPredictor
 from ..modeling.vocabulary import dataset_vocabulary, set_model_vocabulary
@@ -27,7 +28,12 @@ class ViLDTrainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         meta = MetadataCatalog.get(dataset_name)
-        if meta.get("evaluator_type") in ("ovd_voc", "pascal_voc"):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        if meta.get("evaluator_type") == "ovd_voc" or (
+            meta.get("evaluator_type") == "pascal_voc" and meta.get("novel_classes")
+        ):
+            return OVDPascalVOCEvaluator(dataset_name, output_dir=output_folder)
+        if meta.get("evaluator_type") == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)
         raise NotImplementedError(f"no evaluator for dataset '{dataset_name}'")
 

@@ -53,7 +53,7 @@ def text_embeddings_for(
     or the project's default list.
     """
     if precomputed_path:
-        return load_precomputed(precomputed_path, len(names))
+        return load_precomputed(precomputed_path, names)
     from .loader import load_clip
     from .templates import DEFAULT_TEMPLATES
 
@@ -84,17 +84,35 @@ def text_embeddings_for(
     return emb
 
 
-def load_precomputed(path: str, num_classes: int) -> np.ndarray:
+def load_precomputed(path: str, names: Sequence[str]) -> np.ndarray:
+    """Rows of a precomputed [N, D] .npy for ``names``.
+
+    With a sidecar ``<path without .npy>.json`` holding {"names": [...]} (as this module writes),
+    the rows are looked up by name, so one file serves any sub-vocabulary (e.g. base classes for
+    training, all classes for testing); without one, the file must hold exactly len(names) rows.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"text embeddings file {path} does not exist; write it with "
             "tools/compute_text_embeddings.py or clear MODEL.VILD.TEXT_EMBEDDINGS_PATH"
         )
     emb = np.load(path).astype(np.float32)
-    if emb.ndim != 2 or emb.shape[0] != num_classes:
+    sidecar = os.path.splitext(path)[0] + ".json"
+    if emb.ndim == 2 and os.path.isfile(sidecar):
+        with open(sidecar) as f:
+            stored = json.load(f).get("names", [])
+        row = {n: i for i, n in enumerate(stored)}
+        missing = [n for n in names if n not in row]
+        if missing or len(stored) != len(emb):
+            raise ValueError(
+                f"text embeddings file {path} lacks classes {missing[:5]} (its names are in "
+                f"{sidecar}); recompute it for this vocabulary"
+            )
+        emb = emb[[row[n] for n in names]]
+    elif emb.ndim != 2 or emb.shape[0] != len(names):
         raise ValueError(
             f"text embeddings file {path} has shape {tuple(emb.shape)} but the vocabulary has "
-            f"{num_classes} classes; recompute it for this vocabulary"
+            f"{len(names)} classes; recompute it for this vocabulary"
         )
     return emb / np.linalg.norm(emb, axis=1, keepdims=True)
 

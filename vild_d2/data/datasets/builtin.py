@@ -30,19 +30,21 @@ def register_all_voc_ovd(root: str, split_name: str = "voc_16_4") -> None:
                 register_ovd_voc(f"{prefix}_{subset}", dirs, sets, split, subset=subset, year=year)
 
 
-def register_shapes_ovd(root: str, name: str = "shapes_ovd", split=None) -> None:
-    """The embedded world (datasets/prepare_shapes_ovd.py) under ``root/name``.
+def register_shapes_ovd(root: str, name: str = "shapes_ovd", split=None, prefix: str = None) -> None:
+    """The embedded world (datasets/prepare_shapes_ovd.py) under ``root/name``, registered as
+    ``<prefix>_trainval_base``, ``<prefix>_trainval_all`` and ``<prefix>_test`` (prefix = name).
 
     Its split is the one the generator wrote beside the tree, else the default 12/4 split.
     """
+    prefix = prefix or name
     dirname = os.path.join(root, name)
     if split is None:
         written = os.path.join(dirname, "split.json")
         split = written if os.path.exists(written) else "shapes_ovd_12_4"
     split = load_split(split)
     for subset in ("base", "all"):
-        register_ovd_voc(f"{name}_trainval_{subset}", dirname, "trainval", split, subset=subset)
-    register_ovd_voc(f"{name}_test", dirname, "test", split, subset="all")
+        register_ovd_voc(f"{prefix}_trainval_{subset}", dirname, "trainval", split, subset=subset)
+    register_ovd_voc(f"{prefix}_test", dirname, "test", split, subset="all")
 
 
 _root = datasets_root()
