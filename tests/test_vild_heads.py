@@ -214,3 +214,19 @@ def test_iot_assigns_a_box_inside_a_large_proposal(tmp_path):
         with EventStorage():
             labelled = heads.label_and_sample_proposals([big], [small])
         assert labelled[0].gt_classes.tolist() == [expected]
+
+
+def test_ensemble_heads_read_alone(tmp_path):
+    cfg = _roi_cfg(tmp_path, "ensemble")
+    shape = {"p2": ShapeSpec(channels=8, stride=4)}
+    features, proposals, _, _ = _roi_inputs()
+    scores = {}
+    for head in ("ensemble", "text", "image"):
+        cfg.MODEL.VILD.ENSEMBLE_TEST_HEAD = head
+        torch.manual_seed(0)
+        heads = build_roi_heads(cfg, shape).eval()
+        with torch.no_grad():
+            out, _ = heads(None, features, [p[:] for p in proposals])
+        scores[head] = out[0].scores.sort().values
+    assert not torch.allclose(scores["text"][:5], scores["image"][:5])
+    assert not torch.allclose(scores["ensemble"][:5], scores["text"][:5])

@@ -33,6 +33,9 @@ def add_vild_config(cfg):
     # ViLD-ensemble geometric-mean weight lambda: base = p_text^l * p_img^(1-l),
     # novel = p_text^(1-l) * p_img^l.
     _C.MODEL.VILD.ENSEMBLE_LAMBDA = 2.0 / 3.0
+    # Which head scores test detections of a ViLD-ensemble model: "ensemble" (both, combined),
+    # "text" or "image" (one head read alone, e.g. to report ViLD-text/ViLD-image from one run).
+    _C.MODEL.VILD.ENSEMBLE_TEST_HEAD = "ensemble"
     # Label assignment of proposals to ground truth: "iou" (detectron2's matcher) or "iot"
     # (intersection over the ground-truth box's area, the original document's rule).
     _C.MODEL.VILD.LABEL_ASSIGNMENT = "iou"

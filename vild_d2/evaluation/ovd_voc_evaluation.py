@@ -42,6 +42,7 @@ class OVDPascalVOCEvaluator(PascalVOCDetectionEvaluator):
                 predictions[cls_id].extend(lines)
         per_class = self._per_class_ap(predictions)
         summary = summarize_ovd(per_class, self._novel)
+        self.last_summary = summary  # for in-process callers that want the per-class numbers
         if self._output_dir:
             os.makedirs(self._output_dir, exist_ok=True)
             path = os.path.join(self._output_dir, f"ovd_results_{self._dataset_name}.json")

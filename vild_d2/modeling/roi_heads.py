@@ -48,6 +48,7 @@ class ViLDROIHeads(StandardROIHeads):
         image_box_head: Optional[nn.Module] = None,
         label_assignment: str = "iou",
         iot_threshold: float = 0.8,
+        ensemble_test_head: str = "ensemble",
         **kwargs,
     ):
         """
@@ -59,6 +60,8 @@ class ViLDROIHeads(StandardROIHeads):
             image_box_head: the ensemble's second box head.
             label_assignment: "iou" (detectron2's matcher) or "iot" (intersection over the
                 ground-truth box's area, matched at ``iot_threshold``).
+            ensemble_test_head: with mode "ensemble", which head scores test detections:
+                "ensemble" (both combined), "text" or "image" (one head alone).
             kwargs: StandardROIHeads' arguments; box_predictor must be a ViLDTextPredictor.
         """
         super().__init__(**kwargs)
@@ -66,7 +69,13 @@ class ViLDROIHeads(StandardROIHeads):
             raise ValueError(f"MODEL.VILD.MODE must be one of {MODES}, got '{mode}'")
         if label_assignment not in ("iou", "iot"):
             raise ValueError(f"MODEL.VILD.LABEL_ASSIGNMENT must be 'iou' or 'iot', got '{label_assignment}'")
+        if ensemble_test_head not in ("ensemble", "text", "image"):
+            raise ValueError(
+                "MODEL.VILD.ENSEMBLE_TEST_HEAD must be 'ensemble', 'text' or 'image', "
+                f"got '{ensemble_test_head}'"
+            )
         self.mode = mode
+        self.ensemble_test_head = ensemble_test_head
         self.image_loss_weight = 0.0 if mode == "text" else image_loss_weight
         self.ensemble_lambda = ensemble_lambda
         self.label_assignment = label_assignment
@@ -100,6 +109,7 @@ class ViLDROIHeads(StandardROIHeads):
             ensemble_lambda=vild.ENSEMBLE_LAMBDA,
             label_assignment=vild.LABEL_ASSIGNMENT,
             iot_threshold=vild.IOT_THRESHOLD,
+            ensemble_test_head=vild.ENSEMBLE_TEST_HEAD,
         )
         if vild.MODE == "ensemble":
             ret["image_box_head"] = build_box_head(cfg, _pooled_shape(cfg, input_shape))
@@ -175,11 +185,15 @@ class ViLDROIHeads(StandardROIHeads):
         box_feats = self.box_head(pooled)
         predictor = self.box_predictor
         logits, deltas = predictor(box_feats)
-        if self.mode != "ensemble":
+        if self.mode != "ensemble" or self.ensemble_test_head == "text":
             instances, _ = predictor.inference((logits, deltas), proposals)
             return instances
         image_region = predictor.region_embeddings(self.image_box_head(pooled), self.image_projection)
-        probs = predictor.ensemble_probs(logits, predictor.classify(image_region), self.ensemble_lambda)
+        image_logits = predictor.classify(image_region)
+        if self.ensemble_test_head == "image":
+            probs = image_logits.softmax(dim=-1)
+        else:
+            probs = predictor.ensemble_probs(logits, image_logits, self.ensemble_lambda)
         boxes = predictor.predict_boxes((logits, deltas), proposals)
         counts = [len(p) for p in proposals]
         instances, _ = fast_rcnn_inference(

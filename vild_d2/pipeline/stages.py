@@ -1,0 +1,62 @@
+"""Stages that are skipped when their outputs exist and match their inputs.
+
+A stage's stamp (``<output>/stages/<name>.json``) holds the key its inputs hash to and what it
+returned; it is written last, so a stage killed midway runs again (and resumes where the stage
+itself can, like training from its last checkpoint).
+"""
+import hashlib
+import json
+import os
+import time
+from typing import Callable, Dict, Iterable, Optional
+
+
+def key_digest(key) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class StageRunner:
+    def __init__(self, output_dir: str, log: Callable[[str], None] = print):
+        self.dir = os.path.join(output_dir, "stages")
+        os.makedirs(self.dir, exist_ok=True)
+        self.log = log
+        self.seconds: Dict[str, float] = {}
+        self.digests: Dict[str, str] = {}
+        self._count = 0
+
+    def run(self, name: str, key: dict, fn: Callable[[], dict], outputs: Iterable[str] = (),
+            after: Iterable[str] = ()) -> dict:
+        """Run ``fn`` unless a stamp for the same key (and the same upstream stages) exists and
+        every path in ``outputs`` does. Returns what ``fn`` returned (or the stamped copy)."""
+        full_key = {"key": key, "after": {a: self.digests[a] for a in after}}
+        digest = key_digest(full_key)
+        stamp_path = os.path.join(self.dir, f"{name}.json")
+        self._count += 1
+        stamp = _read(stamp_path)
+        outputs = list(outputs)
+        if stamp and stamp.get("digest") == digest and all(os.path.exists(p) for p in outputs):
+            self.log(f"[{self._count}] {name}: up to date, skipped")
+            self.seconds[name] = stamp.get("seconds", 0.0)
+            self.digests[name] = digest
+            return stamp.get("result", {})
+        self.log(f"[{self._count}] {name}: running")
+        start = time.perf_counter()
+        result = fn() or {}
+        seconds = time.perf_counter() - start
+        tmp = stamp_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"digest": digest, "key": full_key, "result": result, "seconds": seconds}, f,
+                      indent=1, default=str)
+        os.replace(tmp, stamp_path)
+        self.seconds[name] = seconds
+        self.digests[name] = digest
+        self.log(f"[{self._count}] {name}: done in {seconds:.1f} s")
+        return result
+
+
+def _read(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
