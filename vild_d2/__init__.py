@@ -1,6 +1,11 @@
 """vild_d2: ViLD open-vocabulary object detection as a detectron2 extension."""
-from .config import add_vild_config
-from . import data  # noqa: F401  (dataset registration)
-from . import modeling  # noqa: F401  (head and meta-architecture registration)
+import warnings
+
+# detectron2 and clip script a few helpers at import time; torch then warns on every import.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+
+from .config import add_vild_config  # noqa: E402
+from . import data  # noqa: F401,E402  (dataset registration)
+from . import modeling  # noqa: F401,E402  (head and meta-architecture registration)
 
 __version__ = "0.1.0"

@@ -21,6 +21,19 @@ def evaluate_detector(cfg, weights: str, num_pictures: int = 6) -> Tuple[dict, f
     model.eval()
     names, novel = dataset_vocabulary(cfg, dataset)
     set_model_vocabulary(model, cfg, names, novel)
+    return evaluate_model(model, cfg, num_pictures)
+
+
+def evaluate_clip_on_crops(cfg, stage1_weights: str, num_pictures: int = 6):
+    """The same numbers for the CLIP-on-cropped-regions baseline."""
+    from ..baselines.clip_on_crops import build_clip_on_crops
+
+    names, _ = dataset_vocabulary(cfg, cfg.DATASETS.TEST[0])
+    return evaluate_model(build_clip_on_crops(cfg, stage1_weights, names).eval(), cfg, num_pictures)
+
+
+def evaluate_model(model, cfg, num_pictures: int) -> Tuple[dict, float, List]:
+    dataset = cfg.DATASETS.TEST[0]
     evaluator = OVDPascalVOCEvaluator(dataset)
     loader = build_detection_test_loader(cfg, dataset)
     start = time.perf_counter()

@@ -58,12 +58,12 @@ class ShapesPipeline:
         from ..data.shapes_world import WorldConfig, make_split, check_attribute_coverage
 
         self.o = opts
-        self.out = os.path.abspath(opts.output_dir)
-        os.makedirs(self.out, exist_ok=True)
         self.world_cfg = WorldConfig(seed=opts.seed, **opts.world)
         split = make_split(opts.novel_classes)  # raises a one-line SplitError when invalid
         check_attribute_coverage(split)
         self.split = split
+        self.out = os.path.abspath(opts.output_dir)
+        os.makedirs(self.out, exist_ok=True)
         default = opts.world == {} and opts.seed == 0 and opts.novel_classes is None
         tag = "" if default else "-" + key_digest([dataclasses.asdict(self.world_cfg), split.to_dict()])[:8]
         self.world_dir = os.path.abspath(os.path.join(opts.datasets_dir, f"shapes_ovd{tag}"))
@@ -162,7 +162,14 @@ class ShapesPipeline:
             "vild_ensemble": ("vild_ensemble", "vild_ensemble.yaml", "ensemble"),
             "oracle": ("oracle", "vild.yaml", "ensemble"),
         }
-        evaluated = {}
+        evaluated = {
+            "clip_on_crops": st.run(
+                "evaluate_clip_on_crops", {"config": "vild.yaml"},
+                lambda: self.evaluate("clip_on_crops", s1["weights"], "vild.yaml", "ensemble"),
+                outputs=[os.path.join(self.out, "eval", "clip_on_crops.json")],
+                after=["stage1", "teacher"],
+            )
+        }
         for row, (trained, config, head) in rows.items():
             evaluated[row] = st.run(
                 f"evaluate_{row}", {"head": head, "config": config},
@@ -197,11 +204,15 @@ class ShapesPipeline:
     def evaluate(self, row, weights, config, head):
         import torch
 
-        from .evaluate import evaluate_detector
+        from .evaluate import evaluate_clip_on_crops, evaluate_detector
 
         torch.set_num_threads(self.o.threads)
         self._register()
-        summary, seconds, preds = evaluate_detector(self._eval_cfg(config, head), weights)
+        cfg = self._eval_cfg(config, head)
+        if row == "clip_on_crops":
+            summary, seconds, preds = evaluate_clip_on_crops(cfg, weights)
+        else:
+            summary, seconds, preds = evaluate_detector(cfg, weights)
         os.makedirs(os.path.join(self.out, "eval"), exist_ok=True)
         torch.save(preds, os.path.join(self.out, "eval", f"{row}_pictures.pth"))
         result = {"summary": summary, "seconds_per_image": seconds}

@@ -1,0 +1,1 @@
+"""Baselines the ViLD results are compared with."""
