@@ -4,12 +4,52 @@ The cached boxes get exactly the augmentation the image gets (resize, flip, crop
 embeddings are not recomputed. They arrive as ``dataset_dict["distill"]``: an Instances with
 ``proposal_boxes`` and ``clip_embeddings``.
 """
+
+import logging
+
+import clip
 import torch
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.structures import Boxes, Instances
 
+from ..teacher import loader
 from .embedding_cache import EmbeddingCache
+
+logger = logging.getLogger(__name__)
+
+
+def _clip_fingerprint(spec: str):
+    """The fingerprint load_clip would report for ``spec``, without loading the model; None when
+    the checkpoint is not here."""
+    if spec in clip.available_models():
+        # OpenAI's URLs carry the sha256 of the file, whose first 16 digits are the fingerprint.
+        return clip.clip._MODELS[spec].split("/")[-2][:16]
+    try:
+        return loader.file_fingerprint(loader._resolve(spec))
+    except loader.ClipLoadError:
+        return None
+
+
+def check_cache_matches_config(cache: EmbeddingCache, cfg) -> None:
+    """CacheError (one line, both values) when the cache was made for another CLIP model, embedding
+    dimension or crop scales than the config's; keys absent from the manifest are not compared."""
+    vild = cfg.MODEL.VILD
+    expected = {
+        "embed_dim": vild.EMBED_DIM,
+        "crop_scales": list(vild.DISTILL.CROP_SCALES),
+        "ensemble_crops": vild.DISTILL.ENSEMBLE_CROPS,
+    }
+    if "clip_fingerprint" in cache.manifest:
+        fingerprint = _clip_fingerprint(vild.CLIP_MODEL)
+        if fingerprint is None:
+            logger.warning(
+                f"MODEL.VILD.CLIP_MODEL {vild.CLIP_MODEL} is not here: cannot check that embedding "
+                f"cache {cache.cache_dir} was made with it"
+            )
+        else:
+            expected["clip_fingerprint"] = fingerprint
+    cache.check_compatible(**{k: v for k, v in expected.items() if k in cache.manifest})
 
 
 class DistillDatasetMapper(DatasetMapper):
@@ -41,6 +81,7 @@ class DistillDatasetMapper(DatasetMapper):
         cache_dir = cfg.MODEL.VILD.DISTILL.CACHE_DIR
         if is_train and cache_dir:
             ret["cache"] = EmbeddingCache(cache_dir)
+            check_cache_matches_config(ret["cache"], cfg)
         ret["num_proposals"] = cfg.MODEL.VILD.DISTILL.NUM_PROPOSALS
         ret["class_agnostic"] = cfg.MODEL.VILD.CLASS_AGNOSTIC_LABELS
         return ret
@@ -61,5 +102,7 @@ class DistillDatasetMapper(DatasetMapper):
         keep = boxes.nonempty()
         distill = Instances(image_shape)
         distill.proposal_boxes = boxes[keep]
-        distill.clip_embeddings = torch.as_tensor(entry.embeddings[keep.numpy()], dtype=torch.float32)
+        distill.clip_embeddings = torch.as_tensor(
+            entry.embeddings[keep.numpy()], dtype=torch.float32
+        )
         return distill

@@ -8,6 +8,7 @@ Layout of a finished cache directory (all arrays memory-mappable):
   index.json      {"image_ids": [...], "offsets": [...]}: image i owns rows offsets[i]:offsets[i+1]
   manifest.json   what produced the cache; written last, so its presence marks completion
 """
+
 import json
 import os
 from dataclasses import dataclass
@@ -107,11 +108,33 @@ def write_cache(
     entries: Iterable[Tuple[str, CacheEntry]],
     manifest: dict,
     embed_dim: Optional[int] = None,
+    num_rows: Optional[int] = None,
 ) -> None:
-    """Write a finished cache atomically: arrays and index first, manifest last."""
+    """Write a finished cache atomically: arrays and index first, manifest last.
+
+    With ``num_rows`` (the total number of entries' rows) and ``embed_dim`` known in advance, the
+    arrays are streamed to disk entry by entry instead of being assembled in memory.
+    """
     os.makedirs(cache_dir, exist_ok=True)
     if os.path.exists(os.path.join(cache_dir, MANIFEST)):
         os.remove(os.path.join(cache_dir, MANIFEST))  # the old arrays stop being complete now
+    if num_rows and embed_dim is not None:
+        ids, offsets = _stream_arrays(cache_dir, entries, num_rows, embed_dim)
+        dim = embed_dim
+    else:
+        ids, offsets, dim = _save_arrays(cache_dir, entries, embed_dim)
+    _atomic_json(os.path.join(cache_dir, "index.json"), {"image_ids": ids, "offsets": offsets})
+    manifest = dict(
+        manifest,
+        format_version=CACHE_FORMAT_VERSION,
+        num_images=len(ids),
+        num_proposals_total=offsets[-1],
+        embed_dim=int(dim),
+    )
+    _atomic_json(os.path.join(cache_dir, MANIFEST), manifest)
+
+
+def _save_arrays(cache_dir, entries, embed_dim):
     ids, boxes, scores, embs, offsets = [], [], [], [], [0]
     for image_id, e in entries:
         ids.append(str(image_id))
@@ -124,15 +147,52 @@ def write_cache(
         "boxes.npy": np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
         "scores.npy": np.concatenate(scores) if scores else np.zeros((0,), np.float32),
         "embeddings.npy": (
-            np.concatenate([e.reshape(-1, dim) for e in embs]) if embs else np.zeros((0, dim), np.float16)
+            np.concatenate([e.reshape(-1, dim) for e in embs])
+            if embs
+            else np.zeros((0, dim), np.float16)
         ),
     }
     for name, arr in arrays.items():
         _atomic_save(os.path.join(cache_dir, name), arr)
-    _atomic_json(os.path.join(cache_dir, "index.json"), {"image_ids": ids, "offsets": offsets})
-    manifest = dict(manifest, format_version=CACHE_FORMAT_VERSION, num_images=len(ids),
-                    num_proposals_total=offsets[-1], embed_dim=int(dim))
-    _atomic_json(os.path.join(cache_dir, MANIFEST), manifest)
+    return ids, offsets, dim
+
+
+def _stream_arrays(cache_dir, entries, num_rows: int, embed_dim: int):
+    """The arrays written row block by row block into .npy files mapped in memory (same bytes as
+    np.save), then renamed into place; returns (image ids, offsets)."""
+    specs = {
+        "boxes.npy": (np.float32, (num_rows, 4)),
+        "scores.npy": (np.float32, (num_rows,)),
+        "embeddings.npy": (np.float16, (num_rows, embed_dim)),
+    }
+    out = {
+        name: np.lib.format.open_memmap(os.path.join(cache_dir, name + ".tmp"), "w+", dtype, shape)
+        for name, (dtype, shape) in specs.items()
+    }
+    ids, offsets = [], [0]
+    for image_id, e in entries:
+        start = offsets[-1]
+        end = start + len(e.boxes)
+        if end > num_rows:
+            raise ValueError(f"the entries hold more than the announced {num_rows} rows")
+        out["boxes.npy"][start:end] = np.asarray(e.boxes, np.float32).reshape(-1, 4)
+        out["scores.npy"][start:end] = np.asarray(e.scores, np.float32).reshape(-1)
+        embeddings = np.asarray(e.embeddings, np.float16).reshape(-1, embed_dim)
+        out["embeddings.npy"][start:end] = embeddings
+        ids.append(str(image_id))
+        offsets.append(end)
+    if offsets[-1] != num_rows:
+        raise ValueError(f"the entries hold {offsets[-1]} rows, not the announced {num_rows}")
+    for arr in out.values():
+        arr.flush()
+    names = list(out)
+    out.clear()  # unmaps the files
+    for name in names:
+        path = os.path.join(cache_dir, name)
+        with open(path + ".tmp", "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    return ids, offsets
 
 
 def _atomic_save(path: str, arr: np.ndarray) -> None:

@@ -1,5 +1,6 @@
 """DefaultTrainer for ViLD: the distillation mapper, open-vocabulary evaluation and a
 per-dataset vocabulary at test time."""
+import contextlib
 import logging
 import os
 from collections import OrderedDict
@@ -9,6 +10,9 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import defaults as d2_defaults
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from detectron2.evaluation import PascalVOCDetectionEvaluator
 
 from ..config import add_vild_config
@@ -20,7 +24,29 @@ from ..modeling.vocabulary import dataset_vocabulary, set_model_vocabulary
 logger = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _ddp_on_cpu():
+    """detectron2's create_ddp_model always passes device_ids=[local rank], which DDP refuses for
+    a CPU model; while the trainer is built, CPU models get device_ids=None (gloo)."""
+    original = d2_defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = original
+
+
 class ViLDTrainer(DefaultTrainer):
+    def __init__(self, cfg):
+        with _ddp_on_cpu():
+            super().__init__(cfg)
+
     @classmethod
     def build_train_loader(cls, cfg):
         return build_detection_train_loader(cfg, mapper=DistillDatasetMapper(cfg, is_train=True))
@@ -73,4 +99,5 @@ def setup_cfg(args):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="vild_d2")
     return cfg

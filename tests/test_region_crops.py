@@ -1,0 +1,134 @@
+"""Region crops on tensors: box growth and clipping at borders, crop geometry, normalisation,
+proposal selection, and the streamed cache writer."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from vild_d2.data.cache_writer import CacheWriter, make_chunks
+from vild_d2.data.embedding_cache import CacheEntry, CacheError, EmbeddingCache, write_cache
+from vild_d2.engine.precompute import select_proposals
+from vild_d2.teacher.loader import CLIP_MEAN, CLIP_STD, ClipInfo, clip_normalize
+from vild_d2.teacher.region_crops import crop_regions, crops_for_clip, expand_boxes, grow_boxes
+
+
+def _info(resolution):
+    return ClipInfo("test", "0" * 16, resolution, 8, 77, CLIP_MEAN, CLIP_STD, None)
+
+
+def _image(h=40, w=60):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+
+
+def test_growth_is_about_the_centre_inside_the_image():
+    boxes = torch.tensor([[20.0, 10.0, 30.0, 30.0]])
+    np.testing.assert_allclose(expand_boxes(boxes, 1.5, (40, 60)), [[17.5, 5.0, 32.5, 35.0]])
+    np.testing.assert_allclose(expand_boxes(boxes, 1.0, (40, 60)), boxes)
+
+
+def test_growth_at_a_border_keeps_only_the_in_image_part():
+    # a box touching the top-left corner, and one touching the bottom-right corner
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0], [44.0, 24.0, 60.0, 40.0]])
+    grown = expand_boxes(boxes, 1.5, (40, 60))
+    # 1.5x would be [-4, -4, 20, 20] and [40, 20, 64, 44]: the outside part is cut off, so the
+    # grown box is no longer centred on the object
+    np.testing.assert_allclose(grown, [[0, 0, 20, 20], [40, 20, 60, 40]])
+
+
+def test_grow_boxes_is_scale_major():
+    boxes = torch.tensor([[10.0, 10.0, 20.0, 20.0], [30.0, 10.0, 40.0, 20.0]])
+    grown = grow_boxes(boxes, (1.0, 2.0), (40, 60))
+    np.testing.assert_allclose(grown[:2], boxes)
+    np.testing.assert_allclose(grown[2:], [[5, 5, 25, 25], [25, 5, 45, 25]])
+
+
+def test_an_integer_box_at_its_own_size_crops_exact_pixels():
+    image = _image()
+    grown = expand_boxes(torch.tensor([[0.0, 0.0, 16.0, 16.0]]), 1.5, (40, 60))
+    crop = crop_regions(image.float(), grown, 20)
+    torch.testing.assert_close(crop[0], image[:, :20, :20].float())
+    # a 20 x 40 box is squeezed to the square: pairs of rows are averaged (2 samples per bin)
+    crop = crop_regions(image.float(), torch.tensor([[10.0, 0.0, 30.0, 40.0]]), 20)
+    want = image[:, 0:40, 10:30].float().view(3, 20, 2, 20).mean(2)
+    torch.testing.assert_close(crop[0], want)
+
+
+def test_crops_for_clip_are_normalised_crops():
+    image = _image()
+    boxes = torch.tensor([[3.0, 5.0, 40.0, 33.0], [0.0, 0.0, 60.0, 40.0]])
+    x = crops_for_clip(image, boxes, _info(32))
+    want = clip_normalize(crop_regions(image.float() / 255, boxes, 32), _info(32))
+    assert x.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-5)
+
+
+def test_select_proposals_clips_filters_and_keeps_top_m():
+    boxes = torch.tensor(
+        [[-5.0, 0, 10, 10], [0, 0, 3, 30], [10, 10, 40, 40], [50, 50, 70, 90], [11, 11, 40, 40]]
+    )
+    scores = torch.tensor([0.5, 0.9, 0.7, 0.6, 0.65])
+    b, s = select_proposals(boxes, scores, (60, 64), num_proposals=3, min_box_size=4)
+    # the 3-pixel-wide box is dropped despite its score; the others are clipped to the image
+    np.testing.assert_allclose(s, [0.7, 0.65, 0.6])
+    np.testing.assert_allclose(b[2], [50, 50, 64, 60])
+    b, s = select_proposals(boxes, scores, (60, 64), num_proposals=10, min_box_size=4)
+    np.testing.assert_allclose(b[3], [0, 0, 10, 10])
+    b, s = select_proposals(boxes, scores, (60, 64), 10, 4, nms_thresh=0.5)
+    np.testing.assert_allclose(s, [0.7, 0.6, 0.5])  # the two overlapping boxes became one
+
+
+def _entries(rng, n=5, dim=6):
+    out = []
+    for k in range(n):
+        m = int(rng.integers(0, 4))
+        emb = rng.normal(size=(m, dim)).astype(np.float16)
+        out.append((f"im{k}", CacheEntry(rng.uniform(0, 50, (m, 4)), rng.uniform(size=m), emb)))
+    return out
+
+
+def test_streamed_cache_has_the_bytes_of_the_in_memory_one(tmp_path):
+    entries = _entries(np.random.default_rng(0))
+    rows = sum(len(e.boxes) for _, e in entries)
+    write_cache(str(tmp_path / "a"), entries, {"x": 1})
+    write_cache(str(tmp_path / "b"), iter(entries), {"x": 1}, embed_dim=6, num_rows=rows)
+    for name in ("boxes.npy", "scores.npy", "embeddings.npy", "index.json", "manifest.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert isinstance(EmbeddingCache(str(tmp_path / "b")).embeddings, np.memmap)
+
+
+def test_parts_resume_and_finalize(tmp_path):
+    entries = _entries(np.random.default_rng(1), n=5)
+    ids = [i for i, _ in entries]
+    chunks = make_chunks(5, 2)
+    assert [(c.start, c.stop) for c in chunks] == [(0, 2), (2, 4), (4, 5)]
+    writer = CacheWriter(str(tmp_path), {"a": 1})
+    assert not writer.is_complete()
+    writer.prepare()
+    writer.write_part(chunks[2], ids[4:], [e for _, e in entries[4:]])
+    # a part killed mid-write leaves only a temporary file, which does not count
+    (tmp_path / "parts" / (chunks[0].name + ".tmp.123")).write_bytes(b"PK\x03")
+    assert writer.done(chunks) == [2]
+    with pytest.raises(CacheError, match="2 chunk"):
+        writer.finalize(chunks, ids, 6, {})
+    for c in chunks[:2]:
+        writer.write_part(c, ids[c.start : c.stop], [e for _, e in entries[c.start : c.stop]])
+    manifest = writer.finalize(chunks, ids, 6, {"note": "x"})
+    assert manifest["a"] == 1 and manifest["num_images"] == 5
+    assert not os.path.exists(tmp_path / "parts") and writer.is_complete()
+    cache = EmbeddingCache(str(tmp_path))
+    for image_id, e in entries:
+        np.testing.assert_array_equal(cache.get(image_id).embeddings, e.embeddings)
+        np.testing.assert_array_equal(cache.get(image_id).boxes, np.float32(e.boxes))
+    with pytest.raises(CacheError, match=r"a=1, but this run asks for a=2"):
+        CacheWriter(str(tmp_path), {"a": 2}).is_complete()
+
+
+def test_parts_of_another_key_are_not_mixed_in(tmp_path):
+    CacheWriter(str(tmp_path), {"clip_fingerprint": "aaa"}).prepare()
+    with pytest.raises(
+        CacheError, match="clip_fingerprint='aaa', but this run asks for clip_fingerprint='bbb'"
+    ):
+        CacheWriter(str(tmp_path), {"clip_fingerprint": "bbb"}).prepare()

@@ -1,0 +1,232 @@
+"""Resumable writing of an embedding cache: fixed chunks of images, one part file per finished
+chunk, then one finalize into the ``embedding_cache`` format.
+
+While a run is unfinished, the output directory holds::
+
+  parts/key.json                     the key (what determines the contents) of the run
+  parts/part-<start>-<stop>.npz      the entries of images [start, stop) of the global order
+
+A part is written to a temporary name, fsync'ed and renamed, so a part name always holds a whole
+chunk, whatever moment the writer was killed at. Chunks are cut from the global image order
+alone, so which process wrote a part, and how often the run was interrupted, does not change the
+cache; finalize reads the parts in order, writes the cache (manifest last) and removes them.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import numpy as np
+
+from .embedding_cache import MANIFEST, CacheEntry, CacheError, write_cache
+
+__all__ = ["CacheWriter", "Chunk", "key_hash", "make_chunks"]
+
+PARTS = "parts"
+PART_KEY = "key.json"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    start: int  # first image of the chunk in the global order
+    stop: int  # one past its last image
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.start:09d}-{self.stop:09d}.npz"
+
+
+def make_chunks(num_images: int, chunk_size: int) -> List[Chunk]:
+    if chunk_size < 1:
+        raise ValueError(f"chunk size must be at least 1, got {chunk_size}")
+    starts = range(0, num_images, chunk_size)
+    return [Chunk(k, s, min(s + chunk_size, num_images)) for k, s in enumerate(starts)]
+
+
+def _canonical(obj):
+    """JSON-equal form (tuples become lists), so that a key compares equal to its manifest copy."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def key_hash(key: dict) -> str:
+    """16 hex digits identifying a key."""
+    return hashlib.sha256(json.dumps(_canonical(key), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _first_difference(have: dict, want: dict):
+    for k, v in _canonical(want).items():
+        if have.get(k) != v:
+            return k, have.get(k), v
+    return None
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CacheWriter:
+    """The output directory of one cache key: its state, its parts and their finalize.
+
+    Only one process (rank 0) calls :meth:`prepare` and :meth:`finalize`; any process may write
+    the parts of its own chunks.
+    """
+
+    def __init__(self, output_dir: str, key: dict):
+        self.output_dir = output_dir
+        self.key = _canonical(key)
+        self.key_hash = key_hash(key)
+        self.parts_dir = os.path.join(output_dir, PARTS)
+
+    # ------------------------------------------------------------------ state
+
+    def is_complete(self) -> bool:
+        """True for a finished cache of this key; CacheError for a finished cache of another."""
+        path = os.path.join(self.output_dir, MANIFEST)
+        if not os.path.isfile(path):
+            return False
+        with open(path) as f:
+            manifest = json.load(f)
+        diff = _first_difference(manifest, self.key)
+        if diff is not None:
+            k, have, want = diff
+            raise CacheError(
+                f"{self.output_dir} already holds an embedding cache with {k}={have!r}, but this "
+                f"run asks for {k}={want!r}; pass another --output-dir, or delete that one to "
+                "rebuild it"
+            )
+        return True
+
+    def prepare(self) -> None:
+        """Make the parts folder, or check that the parts already there are of this key."""
+        os.makedirs(self.parts_dir, exist_ok=True)
+        path = os.path.join(self.parts_dir, PART_KEY)
+        if os.path.isfile(path):
+            with open(path) as f:
+                diff = _first_difference(json.load(f), self.key)
+            if diff is not None:
+                k, have, want = diff
+                raise CacheError(
+                    f"{self.parts_dir} holds the unfinished parts of a run with {k}={have!r}, but "
+                    f"this run asks for {k}={want!r}; pass another --output-dir, or delete "
+                    f"{self.parts_dir} to discard them"
+                )
+        else:
+            _atomic_write_json(path, self.key)
+            _fsync_dir(self.parts_dir)
+
+    def done(self, chunks: Sequence[Chunk]) -> List[int]:
+        """Indices of the chunks whose part is written."""
+        present = set(os.listdir(self.parts_dir)) if os.path.isdir(self.parts_dir) else set()
+        return [c.index for c in chunks if c.name in present]
+
+    # ------------------------------------------------------------------ parts
+
+    def write_part(
+        self, chunk: Chunk, image_ids: Sequence[str], entries: Sequence[CacheEntry]
+    ) -> int:
+        """Write one chunk's entries atomically; returns the bytes written."""
+        if len(image_ids) != chunk.stop - chunk.start or len(entries) != len(image_ids):
+            raise ValueError(f"chunk {chunk} needs {chunk.stop - chunk.start} entries")
+        dim = entries[0].embeddings.shape[1] if entries else 0
+        offsets = np.cumsum([0] + [len(e.boxes) for e in entries]).astype(np.int64)
+        arrays = {
+            "key_hash": np.array(self.key_hash),
+            "image_ids": np.array([str(i) for i in image_ids]),
+            "offsets": offsets,
+            "boxes": np.concatenate(
+                [np.asarray(e.boxes, np.float32).reshape(-1, 4) for e in entries]
+            ),
+            "scores": np.concatenate(
+                [np.asarray(e.scores, np.float32).reshape(-1) for e in entries]
+            ),
+            "embeddings": np.concatenate(
+                [np.asarray(e.embeddings, np.float16).reshape(-1, dim) for e in entries]
+            ),
+        }
+        path = os.path.join(self.parts_dir, chunk.name)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(tmp, path)
+        _fsync_dir(self.parts_dir)
+        return size
+
+    def read_part(self, chunk: Chunk, image_ids: Sequence[str]) -> Iterator[Tuple[str, CacheEntry]]:
+        path = os.path.join(self.parts_dir, chunk.name)
+        with np.load(path, allow_pickle=False) as part:
+            ids = [str(i) for i in part["image_ids"]]
+            if str(part["key_hash"]) != self.key_hash or ids != [str(i) for i in image_ids]:
+                raise CacheError(
+                    f"part {path} does not belong to this run (other key or images); delete "
+                    f"{self.parts_dir} and run again"
+                )
+            offsets = part["offsets"]
+            boxes, scores, embs = part["boxes"], part["scores"], part["embeddings"]
+        for k, image_id in enumerate(ids):
+            rows = slice(int(offsets[k]), int(offsets[k + 1]))
+            yield image_id, CacheEntry(boxes[rows], scores[rows], embs[rows])
+
+    def _part_rows(self, chunk: Chunk) -> int:
+        with np.load(os.path.join(self.parts_dir, chunk.name), allow_pickle=False) as part:
+            return int(part["offsets"][-1])
+
+    # ------------------------------------------------------------------ finalize
+
+    def finalize(
+        self, chunks: Sequence[Chunk], image_ids: Sequence[str], embed_dim: int, manifest: Dict
+    ) -> dict:
+        """All parts, in order, into the cache (manifest last); then the parts are removed."""
+        done = set(self.done(chunks))
+        missing = [c.name for c in chunks if c.index not in done]
+        if missing:
+            raise CacheError(
+                f"cannot finalize {self.output_dir}: {len(missing)} chunk(s) unfinished, e.g. "
+                f"{missing[0]}; run the tool again to compute them"
+            )
+        num_rows = sum(self._part_rows(c) for c in chunks)
+
+        def entries():
+            for c in chunks:
+                yield from self.read_part(c, image_ids[c.start : c.stop])
+
+        write_cache(
+            self.output_dir,
+            entries(),
+            dict(manifest, **self.key),
+            embed_dim=embed_dim,
+            num_rows=num_rows,
+        )
+        self.remove_parts()
+        with open(os.path.join(self.output_dir, MANIFEST)) as f:
+            return json.load(f)
+
+    def remove_parts(self) -> None:
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+
+    def cache_bytes(self) -> int:
+        names = ("boxes.npy", "scores.npy", "embeddings.npy", "index.json", MANIFEST)
+        return sum(
+            os.path.getsize(os.path.join(self.output_dir, n))
+            for n in names
+            if os.path.isfile(os.path.join(self.output_dir, n))
+        )
