@@ -1,0 +1,179 @@
+"""The embedded world's CLIP teacher on disk: trained once, reused while its manifest matches.
+
+``<output_dir>/clip_teacher.pt`` is a TorchScript archive in OpenAI's format (``clip.load`` reads
+it, jit or not) and ``<output_dir>/manifest.json`` describes it. The manifest is written last and
+names the checkpoint's fingerprint, so an interrupted run never leaves a teacher that a later
+call takes for complete.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Dict, Optional
+
+import torch
+
+from vild_d2.data.splits import load_split
+
+from .crops import fixed_crops, load_crop_bank
+from .export import save_openai_archive
+from .loader import TEACHER_CHECKPOINT, TEACHER_MANIFEST, file_fingerprint, load_clip
+from .train_teacher import TeacherConfig, train_teacher
+from .zero_shot import encode_crops, prompt_ensemble_embeddings, zero_shot_accuracy
+
+__all__ = ["TeacherError", "ensure_teacher", "evaluate_teacher", "read_teacher_manifest"]
+
+logger = logging.getLogger(__name__)
+
+TRAIN_SET, VAL_SET = "teacher", "teacher_val"
+_GENERATE_HINT = "generate it with datasets/prepare_shapes_ovd.py"
+
+
+class TeacherError(ValueError):
+    """A world or output folder the teacher cannot be trained from or written to."""
+
+
+def _world_key(world_dir: str) -> dict:
+    # Imported here so that the teacher package (and load_clip) does not need the generator.
+    from vild_d2.data.shapes_world import MANIFEST as WORLD_MANIFEST
+    from vild_d2.data.shapes_world import read_manifest as read_world_manifest
+
+    if not os.path.isdir(world_dir):
+        raise TeacherError(f"world folder {world_dir} does not exist; {_GENERATE_HINT}")
+    manifest = read_world_manifest(world_dir)
+    if manifest is None:
+        raise TeacherError(
+            f"{world_dir} holds no readable {WORLD_MANIFEST}, so it is not a generated world; "
+            f"{_GENERATE_HINT}"
+        )
+    counts = manifest.get("image_sets") or {}
+    for image_set in (TRAIN_SET, VAL_SET):
+        listed = os.path.isfile(os.path.join(world_dir, "ImageSets", "Main", f"{image_set}.txt"))
+        if not listed or counts.get(image_set, 2) < 2:
+            raise TeacherError(
+                f"{world_dir} has no '{image_set}' images; {_GENERATE_HINT} "
+                "with --num-teacher and --num-teacher-val above 1"
+            )
+    blob = json.dumps(manifest, sort_keys=True).encode()
+    return {
+        "fingerprint": hashlib.sha256(blob).hexdigest()[:16],
+        "generator_version": manifest.get("generator_version"),
+        "config": manifest.get("config"),
+    }
+
+
+def read_teacher_manifest(output_dir: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(output_dir, TEACHER_MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _is_complete(output_dir: str, cfg: TeacherConfig, world: dict) -> Optional[dict]:
+    manifest = read_teacher_manifest(output_dir)
+    if manifest is None:
+        return None
+    recorded = manifest.get("config")
+    if not isinstance(recorded, dict) or manifest.get("world") != world:
+        return None
+    if {k: recorded.get(k) for k in cfg.cache_key()} != cfg.cache_key():
+        return None
+    checkpoint = os.path.join(output_dir, manifest.get("checkpoint", TEACHER_CHECKPOINT))
+    if not os.path.isfile(checkpoint):
+        return None
+    return manifest if file_fingerprint(checkpoint) == manifest.get("fingerprint") else None
+
+
+def evaluate_teacher(model, world_dir: str, templates, crop_scales=(1.0,)) -> Dict[float, dict]:
+    """Zero-shot accuracy ({"all", "novel"}) on the ``teacher_val`` boxes, per crop scale."""
+    split = load_split(os.path.join(world_dir, "split.json"))
+    bank = load_crop_bank(world_dir, VAL_SET, split.classes)
+    text = prompt_ensemble_embeddings(model, split.classes, templates)
+    results = {}
+    for scale in crop_scales:
+        crops = fixed_crops(bank, int(model.visual.input_resolution), scale)
+        images = encode_crops(model, crops)
+        results[scale] = zero_shot_accuracy(
+            images, bank.labels, text, split.classes, split.novel_classes
+        )
+    return results
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def ensure_teacher(
+    world_dir: str, output_dir: str, cfg: Optional[TeacherConfig] = None, force: bool = False
+) -> dict:
+    """Train the teacher into ``output_dir`` unless one of this config and world is complete there.
+
+    Returns:
+        The teacher's manifest (a dict; ``load_clip(output_dir)`` loads the teacher).
+    """
+    cfg = cfg or TeacherConfig()
+    world = _world_key(world_dir)
+    if not force:
+        manifest = _is_complete(output_dir, cfg, world)
+        if manifest is not None:
+            logger.info(f"teacher: {output_dir} is up to date; reusing it")
+            return manifest
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise TeacherError(f"{output_dir} exists and is not a folder; choose another output folder")
+    os.makedirs(output_dir, exist_ok=True)
+    manifest_path = os.path.join(output_dir, TEACHER_MANIFEST)
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)
+
+    split = load_split(os.path.join(world_dir, "split.json"))
+    start = time.perf_counter()
+    bank = load_crop_bank(world_dir, TRAIN_SET, split.classes)
+    logger.info(f"teacher: {len(bank)} training boxes from {len(bank.images)} images")
+    model, stats = train_teacher(bank, split.classes, cfg)
+    checkpoint = os.path.join(output_dir, TEACHER_CHECKPOINT)
+    save_openai_archive(model, checkpoint)
+
+    # Scored through the loader, so the numbers are those of what consumers load.
+    loaded, info = load_clip(checkpoint)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads)
+    try:
+        heldout, context = evaluate_teacher(loaded, world_dir, cfg.templates, (1.0, 1.5)).values()
+    finally:
+        torch.set_num_threads(previous_threads)
+    manifest = {
+        "checkpoint": TEACHER_CHECKPOINT,
+        "fingerprint": info.fingerprint,
+        "config": cfg.to_dict(),
+        "world": world,
+        "architecture": cfg.architecture(),
+        "input_resolution": info.input_resolution,
+        "embed_dim": info.embed_dim,
+        "templates": list(cfg.templates),
+        "seed": cfg.seed,
+        "steps": stats["steps"],
+        "training_seconds": round(stats["training_seconds"], 1),
+        "total_seconds": round(time.perf_counter() - start, 1),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_train_boxes": len(bank),
+        "train_accuracy": stats["train_accuracy"],
+        "heldout_accuracy_all": heldout["all"],
+        "heldout_accuracy_novel": heldout["novel"],
+        "heldout_accuracy_all_1.5x": context["all"],
+        "classes": list(split.classes),
+        "novel_classes": list(split.novel_classes),
+    }
+    _write_json(manifest_path, manifest)
+    logger.info(
+        f"teacher: held-out zero-shot accuracy {heldout['all']:.3f} (novel {heldout['novel']:.3f}, "
+        f"1.5x crops {context['all']:.3f}); saved {checkpoint}"
+    )
+    return manifest

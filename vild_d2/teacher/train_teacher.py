@@ -1,0 +1,224 @@
+"""Contrastive training of a small CLIP (OpenAI's architecture, ResNet image tower) on object crops.
+
+A batch samples boxes class-balanced and pairs their augmented crops with one caption per class
+("template.format(class name)", a random template per class and step). With 16 classes a batch
+holds many crops of one class, so the loss is over the deduplicated captions: image->text is a
+cross-entropy over the class captions, text->image a cross-entropy with every crop of the class
+as a positive.
+"""
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
+
+import clip
+import torch
+import torch.nn.functional as F
+from clip.model import CLIP
+
+from .crops import CropBank, random_crops
+from .loader import CLIP_MEAN, CLIP_STD
+from .templates import DEFAULT_TEMPLATES, check_templates, fill_templates
+
+__all__ = ["TeacherConfig", "build_teacher_model", "contrastive_loss", "train_teacher"]
+
+logger = logging.getLogger(__name__)
+
+CONTEXT_LENGTH = 77  # clip.tokenize's context length
+VOCAB_SIZE = 49408  # clip.tokenize's vocabulary
+_RUN_ONLY_FIELDS = ("num_threads", "log_every")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    seed: int = 0
+    steps: int = 600
+    # Optional wall-clock cap (seconds) on the training loop; None trains all ``steps``.
+    max_seconds: Optional[float] = None
+    batch_size: int = 128
+    crop_size: int = 32  # the model's input resolution; a multiple of 32 (ResNet stride)
+    embed_dim: int = 256
+    vision_layers: Tuple[int, int, int, int] = (1, 1, 1, 1)
+    vision_width: int = 32
+    text_width: int = 128  # heads = text_width // 64, as OpenAI's build_model assumes
+    text_layers: int = 2
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    box_jitter: float = 0.1
+    context_range: Tuple[float, float] = (1.0, 1.6)
+    templates: Tuple[str, ...] = field(default=DEFAULT_TEMPLATES)
+    num_threads: int = 2
+    log_every: int = 50
+
+    def __post_init__(self):
+        if self.crop_size % 32:
+            raise ValueError(
+                f"crop_size must be a multiple of 32 (ResNet stride), got {self.crop_size}"
+            )
+        if self.text_width % 64:
+            raise ValueError(
+                f"text_width must be a multiple of 64 (64 per head), got {self.text_width}"
+            )
+        if self.steps < 1 or self.batch_size < 2:
+            raise ValueError("steps must be >= 1 and batch_size >= 2")
+        check_templates(self.templates)
+        # Normalise list-valued fields so configs read back from JSON compare equal.
+        object.__setattr__(self, "vision_layers", tuple(int(x) for x in self.vision_layers))
+        object.__setattr__(self, "context_range", tuple(float(x) for x in self.context_range))
+        object.__setattr__(self, "templates", tuple(self.templates))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    def cache_key(self) -> dict:
+        """The fields that define the trained teacher (not how the run is executed or logged)."""
+        return {k: v for k, v in self.to_dict().items() if k not in _RUN_ONLY_FIELDS}
+
+    def architecture(self) -> dict:
+        """The positional arguments of ``clip.model.CLIP``, by name."""
+        return {
+            "embed_dim": self.embed_dim,
+            "image_resolution": self.crop_size,
+            "vision_layers": list(self.vision_layers),
+            "vision_width": self.vision_width,
+            "vision_patch_size": None,
+            "context_length": CONTEXT_LENGTH,
+            "vocab_size": VOCAB_SIZE,
+            "transformer_width": self.text_width,
+            "transformer_heads": self.text_width // 64,
+            "transformer_layers": self.text_layers,
+        }
+
+
+def build_teacher_model(cfg: TeacherConfig) -> CLIP:
+    arch = cfg.architecture()
+    arch["vision_layers"] = tuple(arch["vision_layers"])
+    return CLIP(**arch).float()
+
+
+def _param_groups(model: CLIP, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        # Gains, biases, embeddings and the temperature are not decayed, as in CLIP.
+        if p.ndim < 2 or "embedding" in name or name == "logit_scale":
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _adamw(groups, lr: float) -> torch.optim.Optimizer:
+    try:
+        # Fused: about twice as fast on CPU; most of the parameters are the token embedding.
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def _lr_factor(step: int, cfg: TeacherConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def contrastive_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric CLIP loss against one caption per class; returns (loss, image->text logits)."""
+    logits = logit_scale * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).t()
+    loss_image = F.cross_entropy(logits, labels)
+    targets = F.one_hot(labels, logits.shape[1]).t().float()  # [C, B]
+    present = targets.sum(1) > 0
+    targets = targets[present] / targets[present].sum(1, keepdim=True)
+    loss_text = -(targets * F.log_softmax(logits.t()[present], dim=1)).sum(1).mean()
+    return (loss_image + loss_text) / 2, logits
+
+
+class _BalancedSampler:
+    """Box indices drawn class-uniformly, then uniformly within the class."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, generator: torch.Generator):
+        self.by_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+        self.present = torch.tensor([c for c in range(num_classes) if len(self.by_class[c])])
+        self.generator = generator
+
+    def __call__(self, n: int) -> torch.Tensor:
+        g = self.generator
+        classes = self.present[torch.randint(len(self.present), (n,), generator=g)]
+        index = torch.empty(n, dtype=torch.long)
+        for c in classes.unique().tolist():
+            where = classes == c
+            pool = self.by_class[c]
+            index[where] = pool[torch.randint(len(pool), (int(where.sum()),), generator=g)]
+        return index
+
+
+def train_teacher(
+    bank: CropBank, class_names: Sequence[str], cfg: TeacherConfig
+) -> Tuple[CLIP, Dict[str, float]]:
+    """Train a teacher on ``bank``'s boxes; returns the eval-mode model and training stats."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads)
+    try:
+        return _train(bank, list(class_names), cfg)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(bank: CropBank, class_names, cfg: TeacherConfig):
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = build_teacher_model(cfg).train()
+    captions = fill_templates(cfg.templates, class_names)
+    tokens = clip.tokenize([c for row in captions for c in row], CONTEXT_LENGTH)
+    tokens = tokens.view(len(captions), len(class_names), -1)
+    sampler = _BalancedSampler(bank.labels, len(class_names), generator)
+    optimizer = _adamw(_param_groups(model, cfg.weight_decay), cfg.lr)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    class_index = torch.arange(len(class_names))
+
+    start = time.perf_counter()
+    step, loss_avg, acc_avg = 0, None, None
+    while step < cfg.steps:
+        if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
+            logger.info(f"teacher: time budget of {cfg.max_seconds:.0f}s reached at step {step}")
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, cfg)
+        index = sampler(cfg.batch_size)
+        crops = random_crops(
+            bank, index, cfg.crop_size, generator, cfg.box_jitter, cfg.context_range, flip=True
+        )
+        template = torch.randint(len(captions), (len(class_names),), generator=generator)
+        loss, logits = contrastive_loss(
+            model.encode_image((crops - mean) / std),
+            model.encode_text(tokens[template, class_index]),
+            bank.labels[index],
+            model.logit_scale.exp(),
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+
+        acc = (logits.argmax(1) == bank.labels[index]).float().mean().item()
+        loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()
+        acc_avg = acc if acc_avg is None else 0.9 * acc_avg + 0.1 * acc
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            logger.info(
+                f"teacher: step {step}/{cfg.steps}  loss {loss_avg:.3f}  train acc {acc_avg:.3f}  "
+                f"{time.perf_counter() - start:.0f}s"
+            )
+    seconds = time.perf_counter() - start
+    return model.eval(), {"steps": step, "training_seconds": seconds, "train_accuracy": acc_avg}
