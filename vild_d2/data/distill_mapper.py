@@ -79,7 +79,9 @@ class DistillDatasetMapper(DatasetMapper):
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
         cache_dir = cfg.MODEL.VILD.DISTILL.CACHE_DIR
-        if is_train and cache_dir:
+        # ViLD-text (and a zero image-loss weight) trains without the cache
+        distills = cfg.MODEL.VILD.MODE != "text" and cfg.MODEL.VILD.IMAGE_LOSS_WEIGHT > 0
+        if is_train and cache_dir and distills:
             ret["cache"] = EmbeddingCache(cache_dir)
             check_cache_matches_config(ret["cache"], cfg)
         ret["num_proposals"] = cfg.MODEL.VILD.DISTILL.NUM_PROPOSALS
