@@ -154,7 +154,8 @@ class ShapesPipeline:
         weights = {}
         for name, (config, extra) in runs.items():
             weights[name] = st.run(
-                f"train_{name}", {"iters": self.o.iters, "config": config, "extra": extra},
+                f"train_{name}", {"iters": self.o.iters, "config": config, "extra": extra,
+                                  "lr": self.o.finetune_lr},
                 lambda c=config, e=extra, n=name: self.train(n, c, self.o.iters, init + e),
                 outputs=[os.path.join(self.out, name, "model_final.pth")],
                 after=["precompute"],
