@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 VARIANTS = ("stock", "vild", "ensemble")
+NUM_CLASSES = 20
 
 
 def _cfg(config_file, variant, text_path, num_classes, device):
@@ -33,6 +34,8 @@ def _cfg(config_file, variant, text_path, num_classes, device):
     cfg.MODEL.DEVICE = device
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.VILD.TEXT_EMBEDDINGS_PATH = text_path
+    # a 20-class vocabulary for every variant (the metadata of VOC's 20 classes; no data is read)
+    cfg.DATASETS.TRAIN = ("voc_ovd_2007_trainval_all",)
     if variant == "stock":
         cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
         cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
@@ -74,11 +77,11 @@ def _run_variant(args, variant, text_path):
     from detectron2.utils.events import EventStorage
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    cfg = _cfg(args.config_file, variant, text_path, args.num_classes, args.device)
+    cfg = _cfg(args.config_file, variant, text_path, NUM_CLASSES, args.device)
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
     dim = cfg.MODEL.VILD.EMBED_DIM
-    batch = _batch(cfg, args.batch, args.size, 4, cfg.MODEL.VILD.DISTILL.NUM_PROPOSALS, args.num_classes, dim)
+    batch = _batch(cfg, args.batch, args.size, 4, cfg.MODEL.VILD.DISTILL.NUM_PROPOSALS, NUM_CLASSES, dim)
     if variant == "stock":
         for x in batch:
             x.pop("distill")
@@ -123,7 +126,6 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--batch", type=int, default=8, help="images per batch")
     p.add_argument("--size", type=int, default=160, help="image side in pixels")
-    p.add_argument("--num-classes", type=int, default=20, help="vocabulary size (stock: NUM_CLASSES)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", default="", help="write the ratios to this JSON file")
@@ -144,7 +146,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         text_path = os.path.join(tmp, "text.npy")
         rng = np.random.default_rng(0)
-        np.save(text_path, rng.normal(size=(args.num_classes, dim)).astype(np.float32))
+        np.save(text_path, rng.normal(size=(NUM_CLASSES, dim)).astype(np.float32))
         results = {}
         for name in VARIANTS:
             out = subprocess.run(
