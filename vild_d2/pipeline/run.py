@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -138,7 +139,8 @@ class ShapesPipeline:
                          outputs=[self.teacher_ckpt], after=["world"])
         s1 = st.run("stage1", {"iters": self.o.stage1_iters},
                     lambda: self.train("stage1", "stage1_proposals.yaml", self.o.stage1_iters),
-                    outputs=[os.path.join(self.out, "stage1", "model_final.pth")], after=["world"])
+                    outputs=[os.path.join(self.out, "stage1", "model_final.pth")], after=["world"],
+                    clean=lambda: shutil.rmtree(os.path.join(self.out, "stage1"), ignore_errors=True))
         cache = st.run("precompute", {}, lambda: self.precompute(s1["weights"]),
                        outputs=[os.path.join(self.out, "clip_cache", "manifest.json")],
                        after=["stage1", "teacher"])
@@ -159,6 +161,7 @@ class ShapesPipeline:
                 lambda c=config, e=extra, n=name: self.train(n, c, self.o.iters, init + e),
                 outputs=[os.path.join(self.out, name, "model_final.pth")],
                 after=["precompute"],
+                clean=lambda n=name: shutil.rmtree(os.path.join(self.out, n), ignore_errors=True),
             )["weights"]
         rows = {  # row: (trained model, its config, test-time head)
             "vild_text": ("vild_ensemble", "vild_ensemble.yaml", "text"),

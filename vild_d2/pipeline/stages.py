@@ -25,9 +25,13 @@ class StageRunner:
         self._count = 0
 
     def run(self, name: str, key: dict, fn: Callable[[], dict], outputs: Iterable[str] = (),
-            after: Iterable[str] = ()) -> dict:
+            after: Iterable[str] = (), clean: Optional[Callable[[], None]] = None) -> dict:
         """Run ``fn`` unless a stamp for the same key (and the same upstream stages) exists and
-        every path in ``outputs`` does. Returns what ``fn`` returned (or the stamped copy)."""
+        every path in ``outputs`` does. Returns what ``fn`` returned (or the stamped copy).
+
+        ``clean`` removes a stage's partial outputs: it is called before ``fn`` when the stage last
+        started under another key (stale work), but not when the same key was interrupted (then
+        ``fn`` resumes, e.g. training from its last checkpoint)."""
         full_key = {"key": key, "after": {a: self.digests[a] for a in after}}
         digest = key_digest(full_key)
         stamp_path = os.path.join(self.dir, f"{name}.json")
@@ -40,6 +44,13 @@ class StageRunner:
             self.digests[name] = digest
             return stamp.get("result", {})
         self.log(f"[{self._count}] {name}: running")
+        started_path = os.path.join(self.dir, f"{name}.started")
+        started = _read(started_path)
+        if clean is not None and started is not None and started.get("digest") != digest:
+            self.log(f"[{self._count}] {name}: inputs changed, removing its old outputs")
+            clean()
+        with open(started_path, "w") as f:
+            json.dump({"digest": digest}, f)
         start = time.perf_counter()
         result = fn() or {}
         seconds = time.perf_counter() - start
