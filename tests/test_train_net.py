@@ -27,8 +27,9 @@ def tiny(tmp_path_factory):
     world = ensure_world(os.path.join(root, "shapes_ovd"), cfg, progress=False)
     rng = np.random.default_rng(0)
     # one file for every world class; train (12) and test (16) vocabularies pick rows by name
-    np.save(base / "text.npy", rng.normal(size=(len(CLASS_NAMES), DIM)).astype(np.float32))
-    (base / "text.json").write_text(json.dumps({"names": list(CLASS_NAMES)}))
+    names = list(CLASS_NAMES) + ["circle", "square", "triangle", "star", "red", "green", "blue", "yellow"]
+    np.save(base / "text.npy", rng.normal(size=(len(names), DIM)).astype(np.float32))
+    (base / "text.json").write_text(json.dumps({"names": names}))
     entries = []
     with open(os.path.join(world, "ImageSets", "Main", "trainval.txt")) as f:
         for image_id in f.read().split():
@@ -108,3 +109,28 @@ def test_two_process_cpu_training(tiny):
                args=["--num-gpus", "2"])
     assert os.path.isfile(os.path.join(out_dir, "model_final.pth"))
     assert "World size: 2" in log
+
+
+def test_demo_with_a_custom_vocabulary_and_attributes(tiny):
+    out_dir = str(tiny / "demo_model")
+    _run(tiny, "configs/shapes_ovd/vild.yaml", ["SOLVER.MAX_ITER", "1", "OUTPUT_DIR", out_dir,
+                                                 "DATASETS.TEST", "()"])
+    images = str(tiny / "datasets" / "shapes_ovd" / "JPEGImages")
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tiny / "datasets"))
+    common = [sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--config-file",
+              os.path.join(ROOT, "configs/shapes_ovd/vild.yaml"), "--weights",
+              os.path.join(out_dir, "model_final.pth"), "--input", images, "--max-images", "2",
+              "--score-thresh", "0"]
+    opts = ["MODEL.VILD.EMBED_DIM", str(DIM), "MODEL.VILD.TEXT_EMBEDDINGS_PATH", str(tiny / "text.npy"),
+            "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96"]
+    for extra, label in ((["--vocabulary", "red circle,blue star"], None),
+                         (["--vocabulary", "circle,square,triangle,star", "--attributes",
+                           "red,green,blue,yellow"], "attributes")):
+        out = str(tiny / f"demo_out_{label}")
+        proc = subprocess.run([*common, "--output", out, *extra, *opts], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert len(os.listdir(out)) == 2 and "detections" in proc.stdout
+    bad = subprocess.run([*common, "--output", str(tiny / "x"), "--vocabulary", "", *opts], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "vocabulary" in bad.stderr.strip().splitlines()[-1]
