@@ -7,7 +7,6 @@ embeddings are not recomputed. They arrive as ``dataset_dict["distill"]``: an In
 
 import logging
 
-import clip
 import torch
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
@@ -20,13 +19,9 @@ logger = logging.getLogger(__name__)
 
 
 def _clip_fingerprint(spec: str):
-    """The fingerprint load_clip would report for ``spec``, without loading the model; None when
-    the checkpoint is not here."""
-    if spec in clip.available_models():
-        # OpenAI's URLs carry the sha256 of the file, whose first 16 digits are the fingerprint.
-        return clip.clip._MODELS[spec].split("/")[-2][:16]
+    """The fingerprint load_clip would report for ``spec``; None when the checkpoint is not here."""
     try:
-        return loader.file_fingerprint(loader._resolve(spec))
+        return loader.checkpoint_fingerprint(spec)
     except loader.ClipLoadError:
         return None
 
