@@ -53,13 +53,12 @@ def list_images(inputs):
 
 def main(argv=None):
     args = parse_args(argv)
-    from detectron2.config import get_cfg
     from detectron2.data.detection_utils import read_image
     from detectron2.utils.visualizer import Visualizer
 
     import vild_d2  # noqa: F401
-    from vild_d2 import add_vild_config
     from vild_d2.engine.predictor import OVDPredictor
+    from vild_d2.engine.trainer import load_cfg
 
     torch.set_num_threads(2)
     try:
@@ -68,12 +67,7 @@ def main(argv=None):
         images = list_images(args.input)
         if not vocabulary:
             raise ValueError("--vocabulary is empty; give at least one class name")
-        cfg = get_cfg()
-        add_vild_config(cfg)
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(["MODEL.WEIGHTS", args.weights, *args.opts])
-        if not torch.cuda.is_available():
-            cfg.MODEL.DEVICE = "cpu"
+        cfg = load_cfg(args.config_file, ["MODEL.WEIGHTS", args.weights, *args.opts])
         if not os.path.isfile(args.weights):
             raise FileNotFoundError(f"weights {args.weights} do not exist; train a model first")
     except (ValueError, FileNotFoundError) as e:

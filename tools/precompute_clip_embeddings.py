@@ -21,26 +21,19 @@ import logging
 import os
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import vild_d2  # noqa: F401  (registers datasets)
-from vild_d2.config import add_vild_config
+from vild_d2.engine.trainer import load_cfg
 from vild_d2.engine.precompute import PrecomputeOptions, run_precompute
 
 logger = logging.getLogger("vild_d2")
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_vild_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("CUDA is not available: running on the CPU (MODEL.DEVICE cpu)")
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_cfg(args.config_file, args.opts)
     if not cfg.MODEL.WEIGHTS:
         trained = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
         if os.path.isfile(trained):

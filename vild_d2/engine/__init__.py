@@ -1,1 +1,1 @@
-from .trainer import ViLDTrainer, setup_cfg
+from .trainer import ViLDTrainer, load_cfg, setup_cfg

@@ -88,15 +88,21 @@ class ViLDTrainer(DefaultTrainer):
         return list(results.values())[0] if len(results) == 1 else results
 
 
-def setup_cfg(args):
-    """get_cfg -> add_vild_config -> merge file and command line -> freeze -> default_setup."""
+def load_cfg(config_file, opts=()):
+    """get_cfg -> add_vild_config -> merge file and overrides; CPU when CUDA is absent. Unfrozen."""
     cfg = get_cfg()
     add_vild_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("CUDA is not available: running on the CPU (MODEL.DEVICE cpu)")
         cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def setup_cfg(args):
+    """load_cfg -> freeze -> default_setup, as detectron2's tools do."""
+    cfg = load_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="vild_d2")

@@ -188,16 +188,13 @@ class ShapesPipeline:
 
     # ---- evaluation and report ----------------------------------------------------------
     def _eval_cfg(self, config, head):
-        from detectron2.config import get_cfg
+        from ..engine.trainer import load_cfg
 
-        from ..config import add_vild_config
-
-        cfg = get_cfg()
-        add_vild_config(cfg)
-        cfg.merge_from_file(os.path.join(SHAPES_CONFIGS, config))
-        cfg.merge_from_list(self._common_opts(os.path.join(self.out, "eval"), 1))
-        cfg.merge_from_list(["MODEL.VILD.ENSEMBLE_TEST_HEAD", head, "DATASETS.TEST",
-                             "('pipeline_shapes_test',)", "DATALOADER.NUM_WORKERS", "0"])
+        cfg = load_cfg(os.path.join(SHAPES_CONFIGS, config), [
+            *self._common_opts(os.path.join(self.out, "eval"), 1),
+            "MODEL.VILD.ENSEMBLE_TEST_HEAD", head, "DATASETS.TEST", "('pipeline_shapes_test',)",
+            "DATALOADER.NUM_WORKERS", "0",
+        ])
         cfg.freeze()
         return cfg
 
