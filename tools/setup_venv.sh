@@ -32,6 +32,10 @@ _quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }
 "${PIP[@]}" install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | _quiet
 # The project and its declared dependencies (detectron2 is not on the registry by name).
 "${PIP[@]}" install -q -e "$ROOT[dev]" 2>&1 | _quiet
+# LVIS evaluation. lvis 0.5.3 declares opencv-python (the venv has the headless build) and Cython,
+# which it does not need to evaluate, so it comes without its declared dependencies; the np.float
+# it still calls is restored by vild_d2/evaluation/lvis_compat.py.
+"${PIP[@]}" install -q --no-deps "lvis==0.5.3" 2>&1 | _quiet
 
 if "$PY" -c "import detectron2" >/dev/null 2>&1; then
     echo "[setup] keeping the detectron2 already importable: $("$PY" -c 'import detectron2, os; print(os.path.dirname(detectron2.__file__))')"
@@ -44,7 +48,7 @@ else
     rm -rf "$SP/tools"
 fi
 
-"$PY" -c "import torch, torchvision, detectron2, clip, vild_d2" \
+"$PY" -c "import torch, torchvision, detectron2, clip, lvis, vild_d2" \
     || { echo "[setup] error: the environment in $VENV does not import; delete it and rerun" >&2; exit 1; }
 echo "$WANT" > "$STAMP"
 echo "[setup] done: $VENV"

@@ -2,6 +2,8 @@
 import os
 
 from ..splits import load_split
+from .coco_ovd import register_coco_ovd
+from .lvis_ovd import register_lvis_ovd
 from .ovd_voc import register_ovd_voc
 
 # (name prefix, [(VOC folder, image set), ...], year used by the evaluator)
@@ -47,6 +49,36 @@ def register_shapes_ovd(root: str, name: str = "shapes_ovd", split=None, prefix:
     register_ovd_voc(f"{prefix}_test", dirname, "test", split, subset="all")
 
 
+# name -> (image folder, annotation file, subset, images without a kept class left out), under root
+_COCO_OVD_SETS = {
+    "coco_ovd_train_base": ("coco/train2017", "coco/annotations/instances_train2017.json", "base", False),
+    "coco_ovd_train_all": ("coco/train2017", "coco/annotations/instances_train2017.json", "all", False),
+    "coco_ovd_val": ("coco/val2017", "coco/annotations/instances_val2017.json", "all", True),
+}
+
+# name -> (annotation file, subset); LVIS images are COCO's, found through each image's coco_url
+_LVIS_OVD_SETS = {
+    "lvis_v1_ovd_train_base": ("lvis/lvis_v1_train.json", "base"),
+    "lvis_v1_ovd_val": ("lvis/lvis_v1_val.json", "all"),
+}
+
+
+def register_all_coco_ovd(root: str, split_name: str = "coco_48_17") -> None:
+    """COCO 2017 under the 48/17 split: base training set, oracle training set, validation set."""
+    split = load_split(split_name)
+    for name, (images, json_file, subset, drop_empty) in _COCO_OVD_SETS.items():
+        register_coco_ovd(name, os.path.join(root, json_file), os.path.join(root, images), split,
+                          subset=subset, drop_empty_images=drop_empty)
+
+
+def register_all_lvis_ovd(root: str) -> None:
+    """LVIS v1 with its 337 rare categories novel: base training set and validation set."""
+    for name, (json_file, subset) in _LVIS_OVD_SETS.items():
+        register_lvis_ovd(name, os.path.join(root, json_file), os.path.join(root, "coco"), subset=subset)
+
+
 _root = datasets_root()
 register_all_voc_ovd(_root)
 register_shapes_ovd(_root)
+register_all_coco_ovd(_root)
+register_all_lvis_ovd(_root)
