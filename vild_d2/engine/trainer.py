@@ -16,7 +16,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.evaluation import PascalVOCDetectionEvaluator
 
 from ..config import add_vild_config
-from ..evaluation import OVDPascalVOCEvaluator
+from ..evaluation import OVDCOCOEvaluator, OVDLVISEvaluator, OVDPascalVOCEvaluator
 from ..data.distill_mapper import DistillDatasetMapper
 from ..modeling.text_predictor import ViLDTextPredictor
 from ..modeling.vocabulary import dataset_vocabulary, set_model_vocabulary
@@ -61,6 +61,12 @@ class ViLDTrainer(DefaultTrainer):
             return OVDPascalVOCEvaluator(dataset_name, output_dir=output_folder)
         if meta.get("evaluator_type") == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)
+        if meta.get("evaluator_type") == "ovd_coco":
+            return OVDCOCOEvaluator(dataset_name, output_folder,
+                                    max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+        if meta.get("evaluator_type") == "ovd_lvis":
+            return OVDLVISEvaluator(dataset_name, output_folder,
+                                    max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
         raise NotImplementedError(f"no evaluator for dataset '{dataset_name}'")
 
     @classmethod

@@ -1,4 +1,6 @@
 """Grouping per-class AP into the open-vocabulary summary: base, novel, all, harmonic mean."""
+import json
+import os
 from typing import Dict, Iterable
 
 import numpy as np
@@ -31,3 +33,14 @@ def summarize_ovd(per_class: Dict[str, Dict[int, float]], novel: Iterable[str]) 
         m["AP50_hmean"] = harmonic_mean(m["AP50_base"], m["AP50_novel"])
     return {"metrics": m, "per_class_ap50": ap50, "base_classes": groups["base"],
             "novel_classes": groups["novel"]}
+
+
+def save_ovd_results(output_dir: str, dataset_name: str, novel: Iterable[str], summary: dict) -> str:
+    """Write ``ovd_results_<dataset>.json`` (the dataset, its novel classes and ``summary``)."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, f"ovd_results_{dataset_name}.json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"dataset": dataset_name, "novel_classes": sorted(novel), **summary}, f, indent=1)
+    os.replace(tmp, path)
+    return path

@@ -4,7 +4,6 @@ Extends detectron2's PascalVOCDetectionEvaluator: predictions are gathered and w
 as there, and every AP comes from detectron2's ``voc_eval``; what is added is keeping the
 per-class APs and grouping them by the dataset's ``novel_classes``.
 """
-import json
 import os
 import tempfile
 from collections import OrderedDict, defaultdict
@@ -14,7 +13,7 @@ from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.evaluation.pascal_voc_evaluation import voc_eval
 from detectron2.utils import comm
 
-from .ovd_metrics import summarize_ovd
+from .ovd_metrics import save_ovd_results, summarize_ovd
 
 
 class OVDPascalVOCEvaluator(PascalVOCDetectionEvaluator):
@@ -44,11 +43,7 @@ class OVDPascalVOCEvaluator(PascalVOCDetectionEvaluator):
         summary = summarize_ovd(per_class, self._novel)
         self.last_summary = summary  # for in-process callers that want the per-class numbers
         if self._output_dir:
-            os.makedirs(self._output_dir, exist_ok=True)
-            path = os.path.join(self._output_dir, f"ovd_results_{self._dataset_name}.json")
-            with open(path, "w") as f:
-                json.dump({"dataset": self._dataset_name, "novel_classes": sorted(self._novel),
-                           **summary}, f, indent=1)
+            save_ovd_results(self._output_dir, self._dataset_name, self._novel, summary)
         bbox = OrderedDict()
         for key in ("AP", "AP50", "AP75", "AP50_base", "AP50_novel", "AP50_hmean", "AP_base", "AP_novel"):
             if key in summary["metrics"]:
