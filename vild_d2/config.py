@@ -63,4 +63,8 @@ def add_vild_config(cfg):
     _C.MODEL.VILD.DISTILL.ENSEMBLE_CROPS = True
     # Batch size of crops per CLIP encoder call when precomputing.
     _C.MODEL.VILD.DISTILL.CROP_BATCH_SIZE = 256
+
+    # Optimizer: "SGD" (detectron2's, with SOLVER.MOMENTUM) or "AdamW" (same parameter groups,
+    # weight decay and gradient clipping; SOLVER.BASE_LR is Adam's step size).
+    _C.SOLVER.OPTIMIZER = "SGD"
     return cfg

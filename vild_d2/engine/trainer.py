@@ -20,6 +20,7 @@ from ..evaluation import OVDCOCOEvaluator, OVDLVISEvaluator, OVDPascalVOCEvaluat
 from ..data.distill_mapper import DistillDatasetMapper
 from ..modeling.text_predictor import ViLDTextPredictor
 from ..modeling.vocabulary import dataset_vocabulary, set_model_vocabulary
+from .optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ class ViLDTrainer(DefaultTrainer):
     def __init__(self, cfg):
         with _ddp_on_cpu():
             super().__init__(cfg)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):
