@@ -19,7 +19,7 @@ from vild_d2.teacher import (
     read_teacher_manifest,
 )
 from vild_d2.teacher import ensure as ensure_module
-from vild_d2.teacher.crops import fixed_crops, load_crop_bank, random_crops
+from vild_d2.teacher.crops import add_background_boxes, fixed_crops, load_crop_bank, random_crops
 from vild_d2.teacher.train_teacher import contrastive_loss
 
 shapes_world = pytest.importorskip(
@@ -91,6 +91,39 @@ def test_crops_and_loss(world):
     good, logits = contrastive_loss(perfect, text, labels, scale)
     bad, _ = contrastive_loss(wrong, text, labels, scale)
     assert logits.shape == (4, 3) and good < 0.8 < bad  # two same-class crops are not negatives
+
+
+def test_background_boxes_avoid_every_annotated_box(world):
+    from torchvision.ops import box_iou
+
+    split = shapes_world.make_split()
+    bank = load_crop_bank(world, "teacher", split.classes)
+    g = torch.Generator().manual_seed(0)
+    grown = add_background_boxes(bank, label=16, per_image=3, generator=g, max_iou=0.3)
+    n = len(bank)
+    assert torch.equal(grown.boxes[:n], bank.boxes) and torch.equal(grown.labels[:n], bank.labels)
+    extra = grown.boxes[n:]
+    assert 0 < len(extra) <= 3 * len(bank.images) and (grown.labels[n:] == 16).all()
+    for i in grown.image_index[n:].unique().tolist():
+        mine = extra[grown.image_index[n:] == i]
+        gt = bank.boxes[bank.image_index == i]
+        assert (box_iou(mine, gt).max(dim=1).values <= 0.3).all()
+        h, w = bank.image_sizes[i].tolist()
+        assert (mine[:, :2] >= 0).all() and (mine[:, 2] <= w + 1e-3).all() and (mine[:, 3] <= h + 1e-3).all()
+
+
+def test_background_concept_trains_and_keys_the_cache(world):
+    from vild_d2.teacher.train_teacher import train_teacher
+
+    split = shapes_world.make_split()
+    bank = load_crop_bank(world, "teacher", split.classes)
+    cfg = replace(SMALL, steps=3, batch_size=16, background_name="background", background_fraction=0.25)
+    model, stats = train_teacher(bank, split.classes, cfg)
+    assert stats["steps"] == 3
+    assert cfg.cache_key()["background_name"] == "background"
+    assert "background_fraction" not in SMALL.cache_key()  # off: old teachers stay valid
+    with pytest.raises(ValueError, match="background_fraction"):
+        replace(SMALL, background_fraction=1.0)
 
 
 def test_teacher_trains_and_manifest(teacher):

@@ -100,6 +100,16 @@ def get_parser() -> argparse.ArgumentParser:
         default=list(d.templates),
         help='caption templates, each with one "{}" for the class name',
     )
+    add(
+        "--background-name",
+        default=d.background_name,
+        help='caption name of the "none of the classes" concept learnt from random boxes off '
+        'every object ("" disables it)',
+    )
+    add("--background-per-image", type=int, default=d.background_per_image,
+        help="background boxes drawn per training image")
+    add("--background-fraction", type=float, default=d.background_fraction,
+        help="share of each batch's crops that are background")
     add("--num-threads", type=int, default=d.num_threads, help="torch CPU threads")
     add("--log-every", type=int, default=d.log_every, help="steps between progress lines")
     add("--force", action="store_true", help="retrain even if a matching teacher exists")
@@ -128,6 +138,9 @@ def main(argv=None) -> int:
             box_jitter=args.box_jitter,
             context_range=tuple(args.context_range),
             templates=tuple(args.templates),
+            background_name=args.background_name,
+            background_per_image=args.background_per_image,
+            background_fraction=args.background_fraction,
             num_threads=args.num_threads,
             log_every=args.log_every,
         )

@@ -13,7 +13,7 @@ from detectron2.data import detection_utils
 from detectron2.data.datasets.pascal_voc import load_voc_instances
 from torchvision.ops import roi_align
 
-__all__ = ["CropBank", "fixed_crops", "load_crop_bank", "random_crops", "scale_boxes"]
+__all__ = ["CropBank", "add_background_boxes", "fixed_crops", "load_crop_bank", "random_crops", "scale_boxes"]
 
 
 @dataclass
@@ -57,6 +57,45 @@ def load_crop_bank(world_dir: str, image_set: str, classes: Sequence[str]) -> Cr
         boxes=torch.tensor(boxes, dtype=torch.float32),
         image_index=torch.tensor(image_index, dtype=torch.long),
         labels=torch.tensor(labels, dtype=torch.long),
+    )
+
+
+def add_background_boxes(
+    bank: CropBank,
+    label: int,
+    per_image: int,
+    generator: torch.Generator,
+    max_iou: float = 0.3,
+    side_range: Tuple[float, float] = (0.1, 0.6),
+) -> CropBank:
+    """The bank plus up to ``per_image`` random boxes per image, labelled ``label``, that overlap
+    no annotated box by more than ``max_iou``: background, texture and unannotated distractors.
+
+    Box sides are drawn as fractions ``side_range`` of the image side, like the world's objects.
+    """
+    from torchvision.ops import box_iou
+
+    boxes, image_index = [], []
+    tries = per_image * 4
+    for i, (h, w) in enumerate(bank.image_sizes.tolist()):
+        side = min(h, w)
+        wh = side * (side_range[0] + (side_range[1] - side_range[0]) * torch.rand(tries, 2, generator=generator))
+        x0 = torch.rand(tries, generator=generator) * (w - wh[:, 0]).clamp(min=0)
+        y0 = torch.rand(tries, generator=generator) * (h - wh[:, 1]).clamp(min=0)
+        cand = torch.stack([x0, y0, x0 + wh[:, 0], y0 + wh[:, 1]], dim=1)
+        gt = bank.boxes[bank.image_index == i]
+        if len(gt):
+            cand = cand[box_iou(cand, gt).max(dim=1).values <= max_iou]
+        cand = cand[:per_image]
+        boxes.append(cand)
+        image_index.append(torch.full((len(cand),), i, dtype=torch.long))
+    boxes, image_index = torch.cat(boxes), torch.cat(image_index)
+    return CropBank(
+        images=bank.images,
+        image_sizes=bank.image_sizes,
+        boxes=torch.cat([bank.boxes, boxes]),
+        image_index=torch.cat([bank.image_index, image_index]),
+        labels=torch.cat([bank.labels, torch.full((len(boxes),), label, dtype=torch.long)]),
     )
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from clip.model import CLIP
 
-from .crops import CropBank, random_crops
+from .crops import CropBank, add_background_boxes, random_crops
 from .loader import CLIP_MEAN, CLIP_STD
 from .templates import DEFAULT_TEMPLATES, check_templates, fill_templates
 
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 CONTEXT_LENGTH = 77  # clip.tokenize's context length
 VOCAB_SIZE = 49408  # clip.tokenize's vocabulary
 _RUN_ONLY_FIELDS = ("num_threads", "log_every")
+_BACKGROUND_FIELDS = ("background_name", "background_per_image", "background_fraction")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,12 @@ class TeacherConfig:
     box_jitter: float = 0.1
     context_range: Tuple[float, float] = (1.0, 1.6)
     templates: Tuple[str, ...] = field(default=DEFAULT_TEMPLATES)
+    # Optionally, like CLIP, which has seen far more than any detection vocabulary, the teacher
+    # also learns a concept for what is none of the classes: random boxes off every object
+    # (background, texture, unannotated distractors), captioned with this name; "" (default) = off.
+    background_name: str = ""
+    background_per_image: int = 4  # such boxes drawn per training image
+    background_fraction: float = 0.25  # share of each batch's crops that are background
     num_threads: int = 2
     log_every: int = 50
 
@@ -62,6 +69,8 @@ class TeacherConfig:
             raise ValueError(
                 f"text_width must be a multiple of 64 (64 per head), got {self.text_width}"
             )
+        if not 0.0 <= self.background_fraction < 1.0:
+            raise ValueError(f"background_fraction must be in [0, 1), got {self.background_fraction}")
         if self.steps < 1 or self.batch_size < 2:
             raise ValueError("steps must be >= 1 and batch_size >= 2")
         check_templates(self.templates)
@@ -76,7 +85,8 @@ class TeacherConfig:
 
     def cache_key(self) -> dict:
         """The fields that define the trained teacher (not how the run is executed or logged)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _RUN_ONLY_FIELDS}
+        unused = () if self.background_name else _BACKGROUND_FIELDS
+        return {k: v for k, v in self.to_dict().items() if k not in _RUN_ONLY_FIELDS + unused}
 
     def architecture(self) -> dict:
         """The positional arguments of ``clip.model.CLIP``, by name."""
@@ -177,10 +187,16 @@ def _train(bank: CropBank, class_names, cfg: TeacherConfig):
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = build_teacher_model(cfg).train()
+    num_classes = len(class_names)
+    if cfg.background_name:
+        bank = add_background_boxes(bank, num_classes, cfg.background_per_image, generator)
+        class_names = class_names + [cfg.background_name]
     captions = fill_templates(cfg.templates, class_names)
     tokens = clip.tokenize([c for row in captions for c in row], CONTEXT_LENGTH)
     tokens = tokens.view(len(captions), len(class_names), -1)
-    sampler = _BalancedSampler(bank.labels, len(class_names), generator)
+    sampler = _BalancedSampler(bank.labels, num_classes, generator)
+    background = torch.nonzero(bank.labels == num_classes).flatten()
+    num_background = int(round(cfg.batch_size * cfg.background_fraction)) if len(background) else 0
     optimizer = _adamw(_param_groups(model, cfg.weight_decay), cfg.lr)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
@@ -194,7 +210,10 @@ def _train(bank: CropBank, class_names, cfg: TeacherConfig):
             break
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg)
-        index = sampler(cfg.batch_size)
+        index = sampler(cfg.batch_size - num_background)
+        if num_background:
+            pick = torch.randint(len(background), (num_background,), generator=generator)
+            index = torch.cat([index, background[pick]])
         crops = random_crops(
             bank, index, cfg.crop_size, generator, cfg.box_jitter, cfg.context_range, flip=True
         )
