@@ -45,3 +45,58 @@ def test_invalid_novel_classes_are_one_line_errors(tmp_path, novel, message):
     lines = [l for l in proc.stderr.strip().splitlines() if "Warning" not in l and "warn" not in l]
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "ds").exists()
+
+
+VOC_TINY = [  # a small detector, so that the R50 recipe of configs/voc_ovd runs in seconds
+    "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.VILD.EMBED_DIM", "64",
+    "MODEL.VILD.DISTILL.NUM_PROPOSALS", "8", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
+    "MODEL.RPN.POST_NMS_TOPK_TEST", "32", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "96",
+    "INPUT.MAX_SIZE_TEST", "128", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+]
+
+
+def _tiny_voc(root):
+    from voc_fixtures import write_voc_tree
+
+    classes = ["person", "car", "dog", "bird", "train", "chair"]  # car, dog, train are novel
+    images = {}
+    for i in range(8):
+        objects = [(classes[(i + k) % len(classes)], (10 + 30 * k, 12, 40 + 30 * k, 60)) for k in range(2)]
+        images[f"{i:06d}"] = (128, 96, objects)
+    ids = sorted(images)
+    write_voc_tree(str(root / "VOC2007"), images, {"trainval": ids[:6], "test": ids[6:]})
+
+
+def test_voc_pipeline_runs_the_same_stages_on_a_voc_tree(tmp_path):
+    import torch
+    from clip.model import CLIP
+
+    from vild_d2.teacher import save_openai_archive
+
+    _tiny_voc(tmp_path / "voc")
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "clip_random.pt")  # OpenAI's TorchScript format, random weights
+    save_openai_archive(CLIP(64, 64, (1, 1, 1, 1), 8, None, 77, 49408, 64, 1, 1).float().eval(), ckpt)
+    out = tmp_path / "out"
+    args = ["--dataset", "voc", "--voc-root", str(tmp_path / "voc"), "--voc-train", "2007",
+            "--clip-model", ckpt, "--output-dir", str(out), "--stage1-iters", "2", "--iters", "2",
+            "--threads", "1", "--parallel", "1", *VOC_TINY]
+    proc = _run(args, ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == METHODS
+    assert results["config"]["test_dataset"] == "voc_ovd_2007_test"
+    assert results["config"]["novel_classes"] == ["car", "dog", "sofa", "train"]
+    manifest = json.loads((out / "clip_cache" / "manifest.json").read_text())
+    assert manifest["datasets"] == ["voc_ovd_2007_trainval_base"]
+    assert (out / "per_class_ap50.png").stat().st_size > 0
+
+
+def test_voc_pipeline_without_a_voc_tree_is_a_one_line_error(tmp_path):
+    proc = _run(["--dataset", "voc", "--voc-root", str(tmp_path / "nowhere"),
+                 "--output-dir", str(tmp_path / "o")], ROOT)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.strip().splitlines() if "Warning" not in l and "warn" not in l]
+    assert len(lines) == 1 and "VOC2007" in lines[0], proc.stderr

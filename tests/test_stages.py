@@ -44,3 +44,39 @@ def test_upstream_change_invalidates_downstream(tmp_path):
         r.run("up", {"k": key}, lambda: {})
         r.run("down", {}, lambda: calls.append(1), after=["up"])
     assert len(calls) == 2
+
+
+def test_parallel_stages_run_at_the_same_time_and_keep_their_order(tmp_path):
+    import threading
+
+    barrier = threading.Barrier(2, timeout=10)  # passes only when both stages run at once
+
+    def stage(name):
+        def work():
+            barrier.wait()
+            return {"name": name}
+        return dict(name=name, key={}, fn=work)
+
+    runner = StageRunner(str(tmp_path), log=lambda m: None)
+    results = runner.run_parallel([stage("a"), stage("b")], workers=2)
+    assert results == [{"name": "a"}, {"name": "b"}]
+    assert set(runner.digests) == {"a", "b"}
+    # a rerun skips both, without waiting on each other
+    assert StageRunner(str(tmp_path), log=lambda m: None).run_parallel(
+        [dict(name="a", key={}, fn=lambda: 1 / 0), dict(name="b", key={}, fn=lambda: 1 / 0)], 2
+    ) == [{"name": "a"}, {"name": "b"}]
+
+
+def test_a_failed_parallel_stage_is_raised_after_the_others_finish(tmp_path):
+    import pytest
+
+    done = []
+
+    def fail():
+        raise RuntimeError("stage b failed")
+
+    runner = StageRunner(str(tmp_path), log=lambda m: None)
+    with pytest.raises(RuntimeError, match="stage b failed"):
+        runner.run_parallel([dict(name="a", key={}, fn=lambda: done.append(1) or {"ok": 1}),
+                             dict(name="b", key={}, fn=fail)], workers=2)
+    assert done == [1] and "a" in runner.digests and "b" not in runner.digests

@@ -7,12 +7,16 @@ results.json, results.md and pictures. A rerun skips every stage whose outputs a
   python tools/run_pipeline.py                      # the default world, output/demo
   python tools/run_pipeline.py --quick --output-dir output/quick
   python tools/run_pipeline.py --novel-classes "red circle,green square,blue star,yellow triangle"
+  python tools/run_pipeline.py --dataset voc --voc-root datasets --clip-model ViT-B/32 \
+      --output-dir output/voc_pipeline                # Pascal VOC, the configs/voc_ovd recipe
+Trailing KEY VALUE pairs override the config of every training and evaluation.
 """
 import argparse
 import sys
 
 from vild_d2.data.splits import SplitError
 from vild_d2.pipeline.run import PipelineOptions, ShapesPipeline
+from vild_d2.pipeline.voc import VOCPipeline
 
 
 def parse_args(argv=None):
@@ -27,22 +31,42 @@ def parse_args(argv=None):
     p.add_argument("--datasets-dir", default="datasets", help="cache folder of worlds and teachers")
     p.add_argument("--stage1-iters", type=int, default=None, help="stage-1 training iterations")
     p.add_argument("--iters", type=int, default=None, help="iterations of each ViLD training")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="learning rate of the trainings started from stage 1 (world default 0.005)")
+    p.add_argument("--threads", type=int, default=2, help="CPU cores to use; parallel stages share them")
+    p.add_argument("--parallel", type=int, default=3,
+                   help="trainings run at once (each gets threads/parallel cores; 1: one by one)")
+    p.add_argument("--dataset", choices=("shapes", "voc"), default="shapes",
+                   help="shapes: the embedded world; voc: Pascal VOC under --voc-root")
+    p.add_argument("--voc-root", default=None, help="folder holding VOC2007/ and VOC2012/ (--dataset voc)")
+    p.add_argument("--voc-train", default="0712", help="VOC training images: 2007, 2012 or 0712 trainval")
+    p.add_argument("--clip-model", default=None,
+                   help="CLIP checkpoint for --dataset voc: an OpenAI name (ViT-B/32), an OpenAI .pt "
+                        "archive or a state dict (the world always uses its own teacher)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     novel = [c.strip() for c in args.novel_classes.split(",")] if args.novel_classes else None
+    if len(args.opts) % 2:
+        print(f"run_pipeline.py: error: config overrides come in KEY VALUE pairs, got {args.opts}",
+              file=sys.stderr)
+        return 2
     common = dict(output_dir=args.output_dir, seed=args.seed, novel_classes=novel,
-                  datasets_dir=args.datasets_dir, threads=args.threads)
+                  datasets_dir=args.datasets_dir, threads=args.threads, parallel=args.parallel,
+                  dataset=args.dataset, voc_root=args.voc_root, voc_train=args.voc_train,
+                  clip_model=args.clip_model, opts=list(args.opts), finetune_lr=args.finetune_lr)
     opts = PipelineOptions.quick_sizes(**common) if args.quick else PipelineOptions(**common)
     if args.stage1_iters:
         opts.stage1_iters = args.stage1_iters
     if args.iters:
         opts.iters = args.iters
+    if args.dataset == "voc" and args.quick:
+        opts.world, opts.teacher = {}, {}
     try:
-        pipeline = ShapesPipeline(opts)
+        pipeline = (VOCPipeline if args.dataset == "voc" else ShapesPipeline)(opts)
     except (SplitError, ValueError) as e:
         print(f"run_pipeline.py: error: {e}", file=sys.stderr)
         return 2

@@ -7,8 +7,10 @@ itself can, like training from its last checkpoint).
 import hashlib
 import json
 import os
+import threading
 import time
-from typing import Callable, Dict, Iterable, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Iterable, List, Optional
 
 
 def key_digest(key) -> str:
@@ -23,6 +25,7 @@ class StageRunner:
         self.seconds: Dict[str, float] = {}
         self.digests: Dict[str, str] = {}
         self._count = 0
+        self._lock = threading.Lock()
 
     def run(self, name: str, key: dict, fn: Callable[[], dict], outputs: Iterable[str] = (),
             after: Iterable[str] = (), clean: Optional[Callable[[], None]] = None) -> dict:
@@ -35,19 +38,21 @@ class StageRunner:
         full_key = {"key": key, "after": {a: self.digests[a] for a in after}}
         digest = key_digest(full_key)
         stamp_path = os.path.join(self.dir, f"{name}.json")
-        self._count += 1
+        with self._lock:
+            self._count += 1
+            n = self._count
         stamp = _read(stamp_path)
         outputs = list(outputs)
         if stamp and stamp.get("digest") == digest and all(os.path.exists(p) for p in outputs):
-            self.log(f"[{self._count}] {name}: up to date, skipped")
+            self.log(f"[{n}] {name}: up to date, skipped")
             self.seconds[name] = stamp.get("seconds", 0.0)
             self.digests[name] = digest
             return stamp.get("result", {})
-        self.log(f"[{self._count}] {name}: running")
+        self.log(f"[{n}] {name}: running")
         started_path = os.path.join(self.dir, f"{name}.started")
         started = _read(started_path)
         if clean is not None and started is not None and started.get("digest") != digest:
-            self.log(f"[{self._count}] {name}: inputs changed, removing its old outputs")
+            self.log(f"[{n}] {name}: inputs changed, removing its old outputs")
             clean()
         with open(started_path, "w") as f:
             json.dump({"digest": digest}, f)
@@ -61,8 +66,21 @@ class StageRunner:
         os.replace(tmp, stamp_path)
         self.seconds[name] = seconds
         self.digests[name] = digest
-        self.log(f"[{self._count}] {name}: done in {seconds:.1f} s")
+        self.log(f"[{n}] {name}: done in {seconds:.1f} s")
         return result
+
+    def run_parallel(self, stages: List[dict], workers: int) -> List[dict]:
+        """Run independent stages (each a dict of ``run``'s arguments) ``workers`` at a time;
+        their results in the given order. The first failure is raised once all have stopped."""
+        if workers <= 1 or len(stages) <= 1:
+            return [self.run(**s) for s in stages]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(self.run, **s) for s in stages]
+            errors = [f.exception() for f in futures]
+        for e in errors:
+            if e is not None:
+                raise e
+        return [f.result() for f in futures]
 
 
 def _read(path: str) -> Optional[dict]:
