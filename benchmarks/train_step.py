@@ -36,6 +36,10 @@ def _cfg(config_file, variant, text_path, num_classes, device):
     cfg.MODEL.VILD.TEXT_EMBEDDINGS_PATH = text_path
     # a 20-class vocabulary for every variant (the metadata of VOC's 20 classes; no data is read)
     cfg.DATASETS.TRAIN = ("voc_ovd_2007_trainval_all",)
+    # Untrained heads score very differently: stock's near-uniform softmax leaves every box under
+    # the default 0.05 threshold (no NMS work at all), ViLD's cosine / 0.01 logits do not. With no
+    # threshold every variant post-processes the same boxes, so inference compares the models.
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     if variant == "stock":
         cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
         cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
