@@ -14,6 +14,8 @@ Trailing KEY VALUE pairs override the config of every training and evaluation.
 import argparse
 import sys
 
+from detectron2.utils.logger import setup_logger
+
 from vild_d2.data.splits import SplitError
 from vild_d2.pipeline.run import PipelineOptions, ShapesPipeline
 from vild_d2.pipeline.voc import VOCPipeline
@@ -70,6 +72,7 @@ def main(argv=None):
     except (SplitError, ValueError) as e:
         print(f"run_pipeline.py: error: {e}", file=sys.stderr)
         return 2
+    setup_logger(name="vild_d2", abbrev_name="vild")  # the teacher's progress lines
     pipeline.run()
     return 0
 

@@ -284,7 +284,7 @@ class ShapesPipeline(Pipeline):
     test_name = "shapes_ovd_test"
     init_from_stage1 = True
     default_stage1_iters = 400
-    default_iters = 300
+    default_iters = 400
     # from stage 1, AdamW learns the new heads several times faster than SGD in this budget
     # (ViLD-ensemble's text head, 400 iterations: base AP50 57.9 against 34.1 with SGD at 0.02)
     default_finetune_lr = 5e-4
@@ -339,8 +339,8 @@ class ShapesPipeline(Pipeline):
         from ..teacher.train_teacher import TeacherConfig
 
         torch.set_num_threads(threads)
-        m = ensure_teacher(self.world_dir, self.teacher_dir,
-                           TeacherConfig(seed=self.o.seed, **self.o.teacher))
+        teacher = dict(self.o.teacher, num_threads=threads)  # a run-only field: not in its key
+        m = ensure_teacher(self.world_dir, self.teacher_dir, TeacherConfig(seed=self.o.seed, **teacher))
         return {k: m[k] for k in ("heldout_accuracy_all", "heldout_accuracy_novel", "fingerprint")}
 
     def prepare(self) -> List[str]:
