@@ -47,6 +47,21 @@ class PipelineOptions:
                    teacher=dict(steps=30, batch_size=64), **kw)
 
 
+def config_digest(path: str) -> str:
+    """Digest of a config file and the _BASE_ files it builds on (a stage's key includes it, so
+    an edited config retrains)."""
+    import yaml
+
+    texts = []
+    while path:
+        with open(path) as f:
+            text = f.read()
+        texts.append(text)
+        base = (yaml.safe_load(text) or {}).get("_BASE_")
+        path = os.path.join(os.path.dirname(path), base) if base else None
+    return key_digest(texts)
+
+
 def _say(msg: str) -> None:
     print(f"[pipeline] {msg}", flush=True)
 
@@ -148,7 +163,8 @@ class Pipeline:
     def stage1_stage(self, after, threads=None) -> dict:
         """Stage 1's arguments for StageRunner.run."""
         return dict(
-            name="stage1", key={"iters": self.stage1_iters, "opts": self.o.opts},
+            name="stage1", key={"iters": self.stage1_iters, "opts": self.o.opts,
+                                "config": config_digest(os.path.join(self.configs_dir, "stage1_proposals.yaml"))},
             fn=lambda: self.train("stage1", "stage1_proposals.yaml", self.stage1_iters,
                                   ["DATASETS.TRAIN", f"('{self.train_datasets(oracle=False)}',)"], threads),
             outputs=[os.path.join(self.out, "stage1", "model_final.pth")], after=after,
@@ -185,6 +201,7 @@ class Pipeline:
             specs.append(dict(
                 name=f"train_{name}",
                 key={"iters": self.iters, "config": config, "extra": extra, "lr": self.finetune_lr,
+                     "config_digest": config_digest(os.path.join(self.configs_dir, config)),
                      "init_from_stage1": self.init_from_stage1, "finetune": self.finetune_opts,
                      "opts": self.o.opts},
                 fn=lambda c=config, e=extra + train_set, n=name: self.train(n, c, self.iters, init + e, threads),
