@@ -103,6 +103,7 @@ class Pipeline:
         self.logs = os.path.join(self.out, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.beside_results = {}
+        self.lane_threads = opts.threads
 
     # ---- what a dataset provides --------------------------------------------------------
     @property
@@ -120,9 +121,9 @@ class Pipeline:
         """Stages before stage 1; returns their names (stage 1 depends on them)."""
         return []
 
-    def beside_stage1(self, upstream: List[str], threads: int) -> List[dict]:
-        """Stages (StageRunner.run arguments) that may run at the same time as stage 1; the CLIP
-        cache depends on them."""
+    def beside_stage1(self, upstream: List[str]) -> List[dict]:
+        """Stages (StageRunner.run arguments) that may run at the same time as stage 1, on
+        ``self.lane_threads`` threads each; the CLIP cache depends on them."""
         return []
 
     def report_config(self) -> dict:
@@ -138,10 +139,18 @@ class Pipeline:
                      "SOLVER.CHECKPOINT_PERIOD", str(max(iters // 4, 1))]
         return opts + list(self.o.opts)
 
-    def train(self, name, config, iters, extra=(), threads=None):
+    def lanes(self, specs: List[dict]) -> int:
+        """Stages of ``specs`` to run at once, counting only those not up to date; sets the torch
+        threads each of them gets (``self.lane_threads``)."""
+        todo = sum(not self.stages.is_current(**s) for s in specs)
+        lanes = max(1, min(self.o.parallel, todo))
+        self.lane_threads = max(1, self.o.threads // lanes)
+        return lanes
+
+    def train(self, name, config, iters, extra=()):
         out_dir = os.path.join(self.out, name)
         cmd = [sys.executable, TRAIN_NET, "--config-file", os.path.join(self.configs_dir, config),
-               "--resume", "--threads", str(threads or self.o.threads), *self._common_opts(out_dir, iters),
+               "--resume", "--threads", str(self.lane_threads), *self._common_opts(out_dir, iters),
                *extra, "DATASETS.TEST", "()"]
         what = f"{iters} iterations" if iters else "the config's schedule"
         _say(f"{name}: training {what} (log: {os.path.relpath(self.logs)}/{name}.log)")
@@ -160,23 +169,22 @@ class Pipeline:
         _run(cmd, self.env, os.path.join(self.logs, "precompute.log"))
         return {"cache": cache}
 
-    def stage1_stage(self, after, threads=None) -> dict:
+    def stage1_stage(self, after) -> dict:
         """Stage 1's arguments for StageRunner.run."""
         return dict(
             name="stage1", key={"iters": self.stage1_iters, "opts": self.o.opts,
                                 "config": config_digest(os.path.join(self.configs_dir, "stage1_proposals.yaml"))},
             fn=lambda: self.train("stage1", "stage1_proposals.yaml", self.stage1_iters,
-                                  ["DATASETS.TRAIN", f"('{self.train_datasets(oracle=False)}',)"], threads),
+                                  ["DATASETS.TRAIN", f"('{self.train_datasets(oracle=False)}',)"]),
             outputs=[os.path.join(self.out, "stage1", "model_final.pth")], after=after,
             clean=lambda: shutil.rmtree(os.path.join(self.out, "stage1"), ignore_errors=True))
 
     def run(self):
         st = self.stages
         upstream = self.prepare()
-        lanes = 2 if self.o.parallel > 1 and self.beside_stage1(upstream, 1) else 1
-        threads = max(1, self.o.threads // lanes)
-        beside = self.beside_stage1(upstream, threads)
-        s1, *done = st.run_parallel([self.stage1_stage(upstream, threads), *beside], lanes)
+        beside = self.beside_stage1(upstream)
+        first = [self.stage1_stage(upstream), *beside]
+        s1, *done = st.run_parallel(first, self.lanes(first))
         self.beside_results = {b["name"]: r for b, r in zip(beside, done)}
         upstream += [b["name"] for b in beside]
         cache = st.run("precompute", {"opts": self.o.opts}, lambda: self.precompute(s1["weights"]),
@@ -188,29 +196,24 @@ class Pipeline:
         if self.finetune_lr:
             init += ["SOLVER.BASE_LR", str(self.finetune_lr)]
         init += self.finetune_opts
-        runs = {
-            "vild": ("vild.yaml", []),
-            "vild_ensemble": ("vild_ensemble.yaml", []),
-            "oracle": ("vild.yaml", []),
-        }
-        lanes = max(1, min(self.o.parallel, len(runs)))
-        threads = max(1, self.o.threads // lanes)
+        runs = {"vild": "vild.yaml", "vild_ensemble": "vild_ensemble.yaml", "oracle": "vild.yaml"}
         specs = []
-        for name, (config, extra) in runs.items():
+        for name, config in runs.items():
             train_set = ["DATASETS.TRAIN", f"('{self.train_datasets(oracle=name == 'oracle')}',)"]
             specs.append(dict(
                 name=f"train_{name}",
-                key={"iters": self.iters, "config": config, "extra": extra, "lr": self.finetune_lr,
+                key={"iters": self.iters, "config": config, "extra": [], "lr": self.finetune_lr,  # "extra": stamp compatibility
                      "config_digest": config_digest(os.path.join(self.configs_dir, config)),
                      "init_from_stage1": self.init_from_stage1, "finetune": self.finetune_opts,
                      "opts": self.o.opts},
-                fn=lambda c=config, e=extra + train_set, n=name: self.train(n, c, self.iters, init + e, threads),
+                fn=lambda c=config, e=train_set, n=name: self.train(n, c, self.iters, init + e),
                 outputs=[os.path.join(self.out, name, "model_final.pth")],
                 after=["precompute"],
                 clean=lambda n=name: shutil.rmtree(os.path.join(self.out, n), ignore_errors=True),
             ))
+        lanes = self.lanes(specs)
         if lanes > 1:
-            _say(f"training {len(specs)} detectors, {lanes} at a time, {threads} thread(s) each")
+            _say(f"training {len(specs)} detectors, {lanes} at a time, {self.lane_threads} thread(s) each")
         weights = dict(zip(runs, (r["weights"] for r in st.run_parallel(specs, lanes))))
         rows = {  # row: (trained model, its config, test-time head)
             "vild_text": ("vild_ensemble", "vild_ensemble.yaml", "text"),
@@ -349,14 +352,14 @@ class ShapesPipeline(Pipeline):
         os.symlink(self.world_dir, link)
         return {"world_dir": self.world_dir}
 
-    def build_teacher(self, threads):
+    def build_teacher(self):
         import torch
 
         from ..teacher.ensure import ensure_teacher
         from ..teacher.train_teacher import TeacherConfig
 
-        torch.set_num_threads(threads)
-        teacher = dict(self.o.teacher, num_threads=threads)  # a run-only field: not in its key
+        torch.set_num_threads(self.lane_threads)
+        teacher = dict(self.o.teacher, num_threads=self.lane_threads)  # a run-only field: not in its key
         m = ensure_teacher(self.world_dir, self.teacher_dir, TeacherConfig(seed=self.o.seed, **teacher))
         return {k: m[k] for k in ("heldout_accuracy_all", "heldout_accuracy_novel", "fingerprint")}
 
@@ -366,9 +369,9 @@ class ShapesPipeline(Pipeline):
                         outputs=[os.path.join(self.world_dir, "manifest.json")])
         return ["world"]
 
-    def beside_stage1(self, upstream, threads):
+    def beside_stage1(self, upstream):
         return [dict(name="teacher", key={"teacher": self.o.teacher, "seed": self.o.seed},
-                     fn=lambda: self.build_teacher(threads), outputs=[self.clip_model], after=upstream)]
+                     fn=self.build_teacher, outputs=[self.clip_model], after=upstream)]
 
     def report_config(self) -> dict:
         return {"world": dataclasses.asdict(self.world_cfg), "teacher": self.beside_results.get("teacher")}

@@ -35,15 +35,13 @@ class StageRunner:
         ``clean`` removes a stage's partial outputs: it is called before ``fn`` when the stage last
         started under another key (stale work), but not when the same key was interrupted (then
         ``fn`` resumes, e.g. training from its last checkpoint)."""
-        full_key = {"key": key, "after": {a: self.digests[a] for a in after}}
-        digest = key_digest(full_key)
-        stamp_path = os.path.join(self.dir, f"{name}.json")
+        full_key, digest, stamp_path = self._identify(name, key, after)
         with self._lock:
             self._count += 1
             n = self._count
         stamp = _read(stamp_path)
         outputs = list(outputs)
-        if stamp and stamp.get("digest") == digest and all(os.path.exists(p) for p in outputs):
+        if self._current(stamp, digest, outputs):
             self.log(f"[{n}] {name}: up to date, skipped")
             self.seconds[name] = stamp.get("seconds", 0.0)
             self.digests[name] = digest
@@ -68,6 +66,20 @@ class StageRunner:
         self.digests[name] = digest
         self.log(f"[{n}] {name}: done in {seconds:.1f} s")
         return result
+
+    def _identify(self, name, key, after):
+        full_key = {"key": key, "after": {a: self.digests[a] for a in after}}
+        return full_key, key_digest(full_key), os.path.join(self.dir, f"{name}.json")
+
+    @staticmethod
+    def _current(stamp, digest, outputs) -> bool:
+        return bool(stamp) and stamp.get("digest") == digest and all(os.path.exists(p) for p in outputs)
+
+    def is_current(self, name: str, key: dict, outputs: Iterable[str] = (), after: Iterable[str] = (),
+                   **_) -> bool:
+        """Whether ``run`` with these arguments would skip the stage."""
+        _, digest, stamp_path = self._identify(name, key, after)
+        return self._current(_read(stamp_path), digest, list(outputs))
 
     def run_parallel(self, stages: List[dict], workers: int) -> List[dict]:
         """Run independent stages (each a dict of ``run``'s arguments) ``workers`` at a time;
