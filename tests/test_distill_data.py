@@ -77,6 +77,7 @@ def test_mapper_applies_the_image_augmentation_to_cached_boxes(tmp_path):
     np.testing.assert_allclose(distill.proposal_boxes.tensor.numpy(), flipped, atol=1e-4)
     np.testing.assert_allclose(distill.clip_embeddings.numpy(),
                                entries[0][1].embeddings[:3].astype(np.float32))
+    np.testing.assert_allclose(distill.objectness.numpy(), entries[0][1].scores[:3])
     # ground truth got the same transform
     np.testing.assert_allclose(out["instances"].gt_boxes.tensor.numpy(), [[88, 0, 128, 40]])
 

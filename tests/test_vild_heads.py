@@ -146,6 +146,7 @@ def _roi_inputs(num_gt=2, num_distill=5):
         d = Instances((64, 64))
         d.proposal_boxes = Boxes(torch.cat([torch.rand(num_distill, 2) * 20, 30 + torch.rand(num_distill, 2) * 30], 1))
         d.clip_embeddings = F.normalize(torch.randn(num_distill, DIM), dim=-1)
+        d.objectness = torch.rand(num_distill)
         distill.append(d)
     return features, proposals, targets, distill
 
@@ -196,6 +197,35 @@ def test_images_without_annotations_and_empty_distillation(tmp_path):
         _, losses = heads(None, features, proposals, targets, distill)
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_box_reg"].item() == 0.0 and losses["loss_image"].item() == 0.0
+
+
+def test_background_rois_on_unlabelled_objects_leave_the_text_loss(tmp_path):
+    cfg = _roi_cfg(tmp_path, "vild")
+    cfg.MODEL.VILD.UNLABELLED_OBJECTNESS = 0.5
+    heads = build_roi_heads(cfg, {"p2": ShapeSpec(channels=8, stride=4)})
+    props = Instances((64, 64))
+    # labelled object, background RoI on an unlabelled object, plain background RoI
+    props.proposal_boxes = Boxes(torch.tensor([[0.0, 0, 20, 20], [40, 40, 60, 60], [20, 40, 30, 60]]))
+    props.gt_classes = torch.tensor([0, 3, 3])
+    tgts = Instances((64, 64))
+    tgts.gt_boxes = Boxes(torch.tensor([[0.0, 0, 20, 20]]))
+    tgts.gt_classes = torch.tensor([0])
+    cached = Instances((64, 64))
+    # a confident box on the labelled object, one on the unlabelled object, a weak one elsewhere
+    cached.proposal_boxes = Boxes(torch.tensor([[1.0, 1, 20, 20], [41, 41, 60, 60], [20, 40, 30, 60]]))
+    cached.objectness = torch.tensor([0.9, 0.8, 0.2])
+    keep = heads._not_on_unlabelled_objects([props], [cached], [tgts])
+    assert keep[0].tolist() == [True, False, True]
+    heads.unlabelled_objectness = 0.1  # now the weak box is an unlabelled object too
+    assert heads._not_on_unlabelled_objects([props], [cached], [tgts])[0].tolist() == [True, False, False]
+    heads.unlabelled_objectness = 0.0
+    assert heads._not_on_unlabelled_objects([props], [cached], [tgts]) is None
+    heads.unlabelled_objectness = 0.01
+    features, proposals, targets, distill = _roi_inputs()
+    with EventStorage() as storage:
+        _, losses = heads(None, features, proposals, targets, distill)
+        assert "roi_head/num_unlabelled_ignored" in storage.latest()
+    assert all(torch.isfinite(v) for v in losses.values())
 
 
 def test_iot_assigns_a_box_inside_a_large_proposal(tmp_path):

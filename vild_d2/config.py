@@ -41,6 +41,12 @@ def add_vild_config(cfg):
     _C.MODEL.VILD.LABEL_ASSIGNMENT = "iou"
     # IoT threshold above which a proposal takes the ground truth's class under "iot".
     _C.MODEL.VILD.IOT_THRESHOLD = 0.8
+    # Unlabelled objects: a cached stage-1 proposal (MODEL.VILD.DISTILL.CACHE_DIR) scoring at least
+    # this objectness that overlaps no ground-truth box (IoU below ROI_HEADS.IOU_THRESHOLDS[0]) is
+    # taken for an object of a class without boxes, and background-labelled RoIs on it (IoU at or
+    # above that threshold) leave the classification loss instead of teaching "background".
+    # Not in the paper; 0 disables (the paper's recipe).
+    _C.MODEL.VILD.UNLABELLED_OBJECTNESS = 0.0
     # Stage 1: train on every box as one "object" class (with MODEL.ROI_HEADS.NUM_CLASSES 1).
     _C.MODEL.VILD.CLASS_AGNOSTIC_LABELS = False
     # Test-time vocabulary: class names; empty = the test dataset's thing_classes.

@@ -2,7 +2,7 @@
 
 The cached boxes get exactly the augmentation the image gets (resize, flip, crop); the cached
 embeddings are not recomputed. They arrive as ``dataset_dict["distill"]``: an Instances with
-``proposal_boxes`` and ``clip_embeddings``.
+``proposal_boxes``, ``clip_embeddings`` and ``objectness`` (the stage-1 scores).
 """
 
 import logging
@@ -76,6 +76,8 @@ class DistillDatasetMapper(DatasetMapper):
         cache_dir = cfg.MODEL.VILD.DISTILL.CACHE_DIR
         # ViLD-text (and a zero image-loss weight) trains without the cache
         distills = cfg.MODEL.VILD.MODE != "text" and cfg.MODEL.VILD.IMAGE_LOSS_WEIGHT > 0
+        # ... unless the cached boxes mark unlabelled objects for the classification loss
+        distills = distills or cfg.MODEL.VILD.UNLABELLED_OBJECTNESS > 0
         if is_train and cache_dir and distills:
             ret["cache"] = EmbeddingCache(cache_dir)
             check_cache_matches_config(ret["cache"], cfg)
@@ -102,4 +104,5 @@ class DistillDatasetMapper(DatasetMapper):
         distill.clip_embeddings = torch.as_tensor(
             entry.embeddings[keep.numpy()], dtype=torch.float32
         )
+        distill.objectness = torch.as_tensor(entry.scores[keep.numpy()], dtype=torch.float32)
         return distill

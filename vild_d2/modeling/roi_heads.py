@@ -17,7 +17,7 @@ from detectron2.modeling.proposal_generator.proposal_utils import add_ground_tru
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.box_head import build_box_head
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
-from detectron2.structures import Instances, pairwise_ioa
+from detectron2.structures import Instances, pairwise_ioa, pairwise_iou
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
@@ -49,6 +49,7 @@ class ViLDROIHeads(StandardROIHeads):
         label_assignment: str = "iou",
         iot_threshold: float = 0.8,
         ensemble_test_head: str = "ensemble",
+        unlabelled_objectness: float = 0.0,
         **kwargs,
     ):
         """
@@ -62,6 +63,9 @@ class ViLDROIHeads(StandardROIHeads):
                 ground-truth box's area, matched at ``iot_threshold``).
             ensemble_test_head: with mode "ensemble", which head scores test detections:
                 "ensemble" (both combined), "text" or "image" (one head alone).
+            unlabelled_objectness: cached proposals scoring at least this and matching no
+                ground truth are unlabelled objects; background RoIs on them are left out of the
+                classification loss. 0 disables.
             kwargs: StandardROIHeads' arguments; box_predictor must be a ViLDTextPredictor.
         """
         super().__init__(**kwargs)
@@ -78,6 +82,7 @@ class ViLDROIHeads(StandardROIHeads):
         self.ensemble_test_head = ensemble_test_head
         self.image_loss_weight = 0.0 if mode == "text" else image_loss_weight
         self.ensemble_lambda = ensemble_lambda
+        self.unlabelled_objectness = unlabelled_objectness
         self.label_assignment = label_assignment
         self.iot_matcher = Matcher([iot_threshold], [0, 1], allow_low_quality_matches=False)
         if mode == "ensemble":
@@ -110,6 +115,7 @@ class ViLDROIHeads(StandardROIHeads):
             label_assignment=vild.LABEL_ASSIGNMENT,
             iot_threshold=vild.IOT_THRESHOLD,
             ensemble_test_head=vild.ENSEMBLE_TEST_HEAD,
+            unlabelled_objectness=vild.UNLABELLED_OBJECTNESS,
         )
         if vild.MODE == "ensemble":
             ret["image_box_head"] = build_box_head(cfg, _pooled_shape(cfg, input_shape))
@@ -129,12 +135,12 @@ class ViLDROIHeads(StandardROIHeads):
             pred_instances = self._forward_box(features, proposals)
             return self.forward_with_given_boxes(features, pred_instances), {}
         proposals = self.label_and_sample_proposals(proposals, targets)
-        losses = self._forward_box(features, proposals, distill_targets)
+        losses = self._forward_box(features, proposals, distill_targets, targets)
         losses.update(self._forward_mask(features, proposals))
         losses.update(self._forward_keypoint(features, proposals))
         return proposals, losses
 
-    def _forward_box(self, features, proposals, distill_targets=None):
+    def _forward_box(self, features, proposals, distill_targets=None, targets=None):
         features = [features[f] for f in self.box_in_features]
         pooled = self.box_pooler(features, [p.proposal_boxes for p in proposals])
         if not self.training:
@@ -150,7 +156,16 @@ class ViLDROIHeads(StandardROIHeads):
             box_feats, distill_feats = head_out[: len(pooled)], head_out[len(pooled) :]
         else:
             box_feats = self.box_head(pooled)
-        losses = self.box_predictor.losses(self.box_predictor(box_feats), proposals)
+        predictions = self.box_predictor(box_feats)
+        keep = self._not_on_unlabelled_objects(proposals, distill_targets, targets)
+        if keep is not None:
+            counts = [len(p) for p in proposals]
+            predictions = tuple(x[torch.cat(keep)] for x in predictions)
+            proposals = [p[k] for p, k in zip(proposals, keep)]
+            get_event_storage().put_scalar(
+                "roi_head/num_unlabelled_ignored", (sum(counts) - sum(len(p) for p in proposals)) / len(counts)
+            )
+        losses = self.box_predictor.losses(predictions, proposals)
 
         if pooled_distill is None:
             # keep every distillation parameter in the graph (DDP) with a zero loss
@@ -165,6 +180,27 @@ class ViLDROIHeads(StandardROIHeads):
         target = torch.cat([d.clip_embeddings for d in distill]).to(region.dtype)
         losses["loss_image"] = self.image_loss_weight * image_distillation_loss(region, target)
         return losses
+
+    def _not_on_unlabelled_objects(self, proposals, distill_targets, targets) -> Optional[List[torch.Tensor]]:
+        """Per image, a mask of the sampled RoIs that keep their labels: False for background
+        RoIs on an unlabelled object (a confident cached proposal that matches no ground truth)."""
+        if self.unlabelled_objectness <= 0 or distill_targets is None or targets is None:
+            return None
+        if len(distill_targets) != len(proposals) or any(d is None for d in distill_targets):
+            return None
+        threshold = self.proposal_matcher.thresholds[1]
+        keep = []
+        for props, cached, tgts in zip(proposals, distill_targets, targets):
+            candidates = cached.proposal_boxes[cached.objectness >= self.unlabelled_objectness]
+            if len(candidates) and len(tgts):
+                labelled = pairwise_iou(candidates, tgts.gt_boxes).max(dim=1).values >= threshold
+                candidates = candidates[~labelled]
+            mask = torch.ones(len(props), dtype=torch.bool, device=props.gt_classes.device)
+            if len(candidates) and len(props):
+                on_candidate = pairwise_iou(props.proposal_boxes, candidates).max(dim=1).values >= threshold
+                mask = ~(on_candidate & (props.gt_classes == self.num_classes))
+            keep.append(mask)
+        return keep
 
     def _valid_distill(self, distill_targets, num_images) -> Optional[List[Instances]]:
         if self.image_loss_weight == 0 or distill_targets is None:
