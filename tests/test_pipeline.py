@@ -32,8 +32,8 @@ def test_quick_pipeline_end_to_end_and_rerun(tmp_path):
     assert second.returncode == 0
     assert second.stdout.count("up to date, skipped") >= 10
     assert ": running" not in second.stdout
-    # a new output folder over the same world: the trained teacher is reused before stage 1,
-    # which then gets both threads instead of sharing them with a stage that does nothing
+    # a new output folder over the same world: stage 1, the critical path, keeps both threads
+    # while the teacher stage beside it (here only reusing the trained teacher) takes its lane
     third = _run([*args[:2], str(tmp_path / "out2"), *args[3:]], ROOT)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "threads=2" in (tmp_path / "out2" / "logs" / "stage1.log").read_text()

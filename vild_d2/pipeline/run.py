@@ -123,8 +123,7 @@ class Pipeline:
 
     def beside_stage1(self, upstream: List[str]) -> List[dict]:
         """Stages (StageRunner.run arguments) that may run at the same time as stage 1, on
-        ``self.lane_threads`` threads each; the CLIP cache depends on them. A stage with
-        ``instant=True`` (it will only reuse its outputs) runs before stage 1 instead."""
+        ``self.lane_threads`` threads each; the CLIP cache depends on them."""
         return []
 
     def report_config(self) -> dict:
@@ -148,11 +147,12 @@ class Pipeline:
         self.lane_threads = max(1, self.o.threads // lanes)
         return lanes
 
-    def train(self, name, config, iters, extra=()):
+    def train(self, name, config, iters, extra=(), threads=None):
         out_dir = os.path.join(self.out, name)
+        threads = threads or self.lane_threads
         cmd = [sys.executable, TRAIN_NET, "--config-file", os.path.join(self.configs_dir, config),
-               "--resume", "--threads", str(self.lane_threads), *self._common_opts(out_dir, iters),
-               *extra, "DATASETS.TEST", "()", *self.o.opts]  # the user's overrides win
+               "--resume", "--threads", str(threads), *self._common_opts(out_dir, iters), *extra,
+               "DATASETS.TEST", "()", *self.o.opts]  # the user's overrides win
         what = f"{iters} iterations" if iters else "the config's schedule"
         _say(f"{name}: training {what} (log: {os.path.relpath(self.logs)}/{name}.log)")
         _run(cmd, self.env, os.path.join(self.logs, f"{name}.log"))
@@ -175,8 +175,11 @@ class Pipeline:
         return dict(
             name="stage1", key={"iters": self.stage1_iters, "opts": self.o.opts,
                                 "config": config_digest(os.path.join(self.configs_dir, "stage1_proposals.yaml"))},
+            # the critical path keeps every thread; a stage beside it shares the cores while it
+            # runs, and none idles once that stage is done
             fn=lambda: self.train("stage1", "stage1_proposals.yaml", self.stage1_iters,
-                                  ["DATASETS.TRAIN", f"('{self.train_datasets(oracle=False)}',)"]),
+                                  ["DATASETS.TRAIN", f"('{self.train_datasets(oracle=False)}',)"],
+                                  threads=self.o.threads),
             outputs=[os.path.join(self.out, "stage1", "model_final.pth")], after=after,
             clean=lambda: shutil.rmtree(os.path.join(self.out, "stage1"), ignore_errors=True))
 
@@ -184,14 +187,9 @@ class Pipeline:
         st = self.stages
         upstream = self.prepare()
         beside = self.beside_stage1(upstream)
-        # a stage that will only reuse its outputs runs first, so it takes no threads from stage 1
-        instant = [b for b in beside if b.pop("instant", False)]
-        self.lane_threads = self.o.threads
-        self.beside_results = {b["name"]: st.run(**b) for b in instant}
-        slow = [b for b in beside if b not in instant]
-        first = [self.stage1_stage(upstream), *slow]
+        first = [self.stage1_stage(upstream), *beside]
         s1, *done = st.run_parallel(first, self.lanes(first))
-        self.beside_results.update({b["name"]: r for b, r in zip(slow, done)})
+        self.beside_results = {b["name"]: r for b, r in zip(beside, done)}
         upstream += [b["name"] for b in beside]
         cache = st.run("precompute", {"opts": self.o.opts}, lambda: self.precompute(s1["weights"]),
                        outputs=[os.path.join(self.out, "clip_cache", "manifest.json")],
@@ -380,12 +378,8 @@ class ShapesPipeline(Pipeline):
         return ["world"]
 
     def beside_stage1(self, upstream):
-        from ..teacher.ensure import teacher_is_complete
-        from ..teacher.train_teacher import TeacherConfig
-
-        ready = teacher_is_complete(self.world_dir, self.teacher_dir, TeacherConfig(seed=self.o.seed, **self.o.teacher))
         return [dict(name="teacher", key={"teacher": self.o.teacher, "seed": self.o.seed},
-                     fn=self.build_teacher, outputs=[self.clip_model], after=upstream, instant=ready)]
+                     fn=self.build_teacher, outputs=[self.clip_model], after=upstream)]
 
     def report_config(self) -> dict:
         return {"world": dataclasses.asdict(self.world_cfg), "teacher": self.beside_results.get("teacher")}

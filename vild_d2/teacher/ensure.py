@@ -88,15 +88,6 @@ def _is_complete(output_dir: str, cfg: TeacherConfig, world: dict) -> Optional[d
     return manifest if file_fingerprint(checkpoint) == manifest.get("fingerprint") else None
 
 
-def teacher_is_complete(world_dir: str, output_dir: str, cfg: Optional[TeacherConfig] = None) -> bool:
-    """Whether ``ensure_teacher`` would reuse the teacher in ``output_dir`` instead of training."""
-    try:
-        world = _world_key(world_dir)
-    except TeacherError:
-        return False
-    return _is_complete(output_dir, cfg or TeacherConfig(), world) is not None
-
-
 def evaluate_teacher(model, world_dir: str, templates, crop_scales=(1.0,)) -> Dict[float, dict]:
     """Zero-shot accuracy ({"all", "novel"}) on the ``teacher_val`` boxes, per crop scale."""
     split = load_split(os.path.join(world_dir, "split.json"))
