@@ -159,12 +159,10 @@ class ViLDROIHeads(StandardROIHeads):
         predictions = self.box_predictor(box_feats)
         keep = self._not_on_unlabelled_objects(proposals, distill_targets, targets)
         if keep is not None:
-            counts = [len(p) for p in proposals]
             predictions = tuple(x[torch.cat(keep)] for x in predictions)
             proposals = [p[k] for p, k in zip(proposals, keep)]
-            get_event_storage().put_scalar(
-                "roi_head/num_unlabelled_ignored", (sum(counts) - sum(len(p) for p in proposals)) / len(counts)
-            )
+            ignored = sum(int((~k).sum()) for k in keep)
+            get_event_storage().put_scalar("roi_head/num_unlabelled_ignored", ignored / len(keep))
         losses = self.box_predictor.losses(predictions, proposals)
 
         if pooled_distill is None:
@@ -184,9 +182,8 @@ class ViLDROIHeads(StandardROIHeads):
     def _not_on_unlabelled_objects(self, proposals, distill_targets, targets) -> Optional[List[torch.Tensor]]:
         """Per image, a mask of the sampled RoIs that keep their labels: False for background
         RoIs on an unlabelled object (a confident cached proposal that matches no ground truth)."""
+        distill_targets = _every_image_cached(distill_targets, len(proposals))
         if self.unlabelled_objectness <= 0 or distill_targets is None or targets is None:
-            return None
-        if len(distill_targets) != len(proposals) or any(d is None for d in distill_targets):
             return None
         threshold = self.proposal_matcher.thresholds[1]
         keep = []
@@ -203,9 +200,8 @@ class ViLDROIHeads(StandardROIHeads):
         return keep
 
     def _valid_distill(self, distill_targets, num_images) -> Optional[List[Instances]]:
+        distill_targets = _every_image_cached(distill_targets, num_images)
         if self.image_loss_weight == 0 or distill_targets is None:
-            return None
-        if any(d is None for d in distill_targets) or len(distill_targets) != num_images:
             return None
         if sum(len(d) for d in distill_targets) == 0:
             return None
@@ -268,6 +264,15 @@ class ViLDROIHeads(StandardROIHeads):
             sampled.append(props)
         get_event_storage().put_scalar("roi_head/num_fg_samples", sum(num_fg) / max(len(num_fg), 1))
         return sampled
+
+
+def _every_image_cached(distill_targets, num_images) -> Optional[List[Instances]]:
+    """``distill_targets`` when it holds the cached proposals of every one of ``num_images``."""
+    if distill_targets is None or len(distill_targets) != num_images:
+        return None
+    if any(d is None for d in distill_targets):
+        return None
+    return distill_targets
 
 
 def image_distillation_loss(region: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -137,7 +137,7 @@ class Pipeline:
         if iters:
             opts += ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(iters * 0.8)},)",
                      "SOLVER.CHECKPOINT_PERIOD", str(max(iters // 4, 1))]
-        return opts + list(self.o.opts)
+        return opts
 
     def lanes(self, specs: List[dict]) -> int:
         """Stages of ``specs`` to run at once, counting only those not up to date; sets the torch
@@ -249,7 +249,7 @@ class Pipeline:
         from ..engine.trainer import load_cfg
 
         cfg = load_cfg(os.path.join(self.configs_dir, config), [
-            *self._common_opts(os.path.join(self.out, "eval"), None),
+            *self._common_opts(os.path.join(self.out, "eval"), None), *self.o.opts,
             "MODEL.VILD.ENSEMBLE_TEST_HEAD", head, "DATASETS.TEST", f"('{test_name}',)",
             "DATALOADER.NUM_WORKERS", "0",
         ])
