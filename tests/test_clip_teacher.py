@@ -19,7 +19,13 @@ from vild_d2.teacher import (
     read_teacher_manifest,
 )
 from vild_d2.teacher import ensure as ensure_module
-from vild_d2.teacher.crops import add_background_boxes, fixed_crops, load_crop_bank, random_crops
+from vild_d2.teacher.crops import (
+    add_background_boxes,
+    add_unannotated_objects,
+    fixed_crops,
+    load_crop_bank,
+    random_crops,
+)
 from vild_d2.teacher.train_teacher import contrastive_loss
 
 shapes_world = pytest.importorskip(
@@ -112,13 +118,51 @@ def test_background_boxes_avoid_every_annotated_box(world):
         assert (mine[:, :2] >= 0).all() and (mine[:, 2] <= w + 1e-3).all() and (mine[:, 3] <= h + 1e-3).all()
 
 
+def test_unannotated_objects_join_the_bank_under_their_own_names(world):
+    from vild_d2.data.shapes_render import DISTRACTOR_SHAPES
+
+    split = shapes_world.make_split()
+    bank = load_crop_bank(world, "teacher", split.classes)
+    grown, names = add_unannotated_objects(bank, world, "teacher", first_label=16)
+    n = len(bank)
+    assert torch.equal(grown.boxes[:n], bank.boxes) and torch.equal(grown.labels[:n], bank.labels)
+    assert grown.image_ids == bank.image_ids and len(bank.image_ids) == len(bank.images)
+    assert names == sorted(set(names)) and not set(names) & set(split.classes)
+    assert all(name.split()[1] in DISTRACTOR_SHAPES for name in names)
+    assert ((grown.labels[n:] >= 16) & (grown.labels[n:] < 16 + len(names))).all()
+    # exactly the objects of no class that the generator drew in these images
+    world_cfg = shapes_world.WorldConfig(**shapes_world.read_manifest(world)["config"])
+    expected = 0
+    for i, iid in enumerate(bank.image_ids[:20]):
+        _, objects = shapes_world.render_image(world_cfg, "teacher", shapes_world.image_index(iid))
+        others = [o for o in objects if o.class_name is None]
+        mine = grown.image_index[n:] == i
+        assert sorted(names[int(k) - 16] for k in grown.labels[n:][mine]) == sorted(o.name for o in others)
+        expected += len(others)
+    assert expected > 0
+    h, w = bank.image_sizes[0].tolist()
+    extra = grown.boxes[n:]
+    assert (extra[:, :2] >= 0).all() and (extra[:, 2] <= w).all() and (extra[:, 3] <= h).all()
+    assert (extra[:, 2:] > extra[:, :2]).all()
+
+
+def test_other_objects_are_keyed_and_validated():
+    assert SMALL.cache_key()["other_objects_fraction"] == 0.25
+    assert replace(SMALL, other_objects_fraction=0.0).cache_key() != SMALL.cache_key()
+    with pytest.raises(ValueError, match="other_objects_fraction"):
+        replace(SMALL, other_objects_fraction=1.0)
+    with pytest.raises(ValueError, match="lower one of them"):
+        replace(SMALL, background_name="background", background_fraction=0.5, other_objects_fraction=0.5)
+
+
 def test_background_concept_trains_and_keys_the_cache(world):
     from vild_d2.teacher.train_teacher import train_teacher
 
     split = shapes_world.make_split()
     bank = load_crop_bank(world, "teacher", split.classes)
     cfg = replace(SMALL, steps=3, batch_size=16, background_name="background", background_fraction=0.25)
-    model, stats = train_teacher(bank, split.classes, cfg)
+    bank, others = add_unannotated_objects(bank, world, "teacher", len(split.classes))
+    model, stats = train_teacher(bank, split.classes, cfg, others)
     assert stats["steps"] == 3
     assert cfg.cache_key()["background_name"] == "background"
     assert "background_fraction" not in SMALL.cache_key()  # off: old teachers stay valid
@@ -135,6 +179,9 @@ def test_teacher_trains_and_manifest(teacher):
     assert manifest["input_resolution"] == 32 and manifest["embed_dim"] == 64
     assert manifest["templates"] == list(DEFAULT_TEMPLATES)
     assert len(manifest["classes"]) == 16 and len(manifest["novel_classes"]) == 4
+    # the world's distractors, learnt under their own names beside the classes
+    assert manifest["num_other_boxes"] > 0 and len(manifest["other_concepts"]) > 5
+    assert not set(manifest["other_concepts"]) & set(manifest["classes"])
     assert manifest["architecture"]["transformer_heads"] == 1
     for key in ("seed", "training_seconds", "world", "config", "fingerprint"):
         assert key in manifest
@@ -170,9 +217,9 @@ def test_manifest_is_reused_and_regenerated(world, teacher, tmp_path, monkeypatc
     calls = []
     real_train = ensure_module.train_teacher
 
-    def quick_training(bank, classes, cfg):
+    def quick_training(bank, classes, cfg, other_names=()):
         calls.append(cfg)
-        return real_train(bank, classes, replace(cfg, steps=2))
+        return real_train(bank, classes, replace(cfg, steps=2), other_names)
 
     monkeypatch.setattr(ensure_module, "train_teacher", quick_training)
     assert ensure_teacher(world, out, SMALL) == manifest and not calls

@@ -110,6 +110,9 @@ def get_parser() -> argparse.ArgumentParser:
         help="background boxes drawn per training image")
     add("--background-fraction", type=float, default=d.background_fraction,
         help="share of each batch's crops that are background")
+    add("--other-objects-fraction", type=float, default=d.other_objects_fraction,
+        help="share of each batch's crops taken from the world's objects of no class, captioned "
+        "with their own names (0: the classes only)")
     add("--num-threads", type=int, default=d.num_threads, help="torch CPU threads")
     add("--log-every", type=int, default=d.log_every, help="steps between progress lines")
     add("--force", action="store_true", help="retrain even if a matching teacher exists")
@@ -141,6 +144,7 @@ def main(argv=None) -> int:
             background_name=args.background_name,
             background_per_image=args.background_per_image,
             background_fraction=args.background_fraction,
+            other_objects_fraction=args.other_objects_fraction,
             num_threads=args.num_threads,
             log_every=args.log_every,
         )

@@ -50,6 +50,11 @@ class SceneObject:
     truncated: bool
 
     @property
+    def name(self) -> str:
+        """What the object is, class or not ("red circle", "grey cross")."""
+        return f"{self.colour} {self.shape}"
+
+    @property
     def class_name(self) -> Optional[str]:
         if self.shape in SHAPES and self.colour in COLOURS:
             return f"{self.colour} {self.shape}"

@@ -184,6 +184,11 @@ def image_id(image_set: str, index: int) -> str:
     return f"{image_set}_{index:06d}"
 
 
+def image_index(file_id: str) -> int:
+    """The index in its image set of the image named ``file_id`` (see ``image_id``)."""
+    return int(file_id.rsplit("_", 1)[-1])
+
+
 def render_image(
     cfg: WorldConfig, image_set: str, index: int
 ) -> Tuple[np.ndarray, List[SceneObject]]:

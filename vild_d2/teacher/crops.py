@@ -4,7 +4,7 @@ Boxes come from detectron2's VOC loader (``XYXY_ABS``, 0-based continuous pixel 
 Crops are taken with ``roi_align`` (bilinear, pixel-aligned) and returned as float [0, 1] images.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -13,7 +13,15 @@ from detectron2.data import detection_utils
 from detectron2.data.datasets.pascal_voc import load_voc_instances
 from torchvision.ops import roi_align
 
-__all__ = ["CropBank", "add_background_boxes", "fixed_crops", "load_crop_bank", "random_crops", "scale_boxes"]
+__all__ = [
+    "CropBank",
+    "add_background_boxes",
+    "add_unannotated_objects",
+    "fixed_crops",
+    "load_crop_bank",
+    "random_crops",
+    "scale_boxes",
+]
 
 
 @dataclass
@@ -23,6 +31,7 @@ class CropBank:
     boxes: torch.Tensor  # float [M, 4] XYXY_ABS
     image_index: torch.Tensor  # long [M] image of each box
     labels: torch.Tensor  # long [M] class index of each box
+    image_ids: Tuple[str, ...] = ()  # the dataset's image_id of each image
 
     def __len__(self):
         return int(self.boxes.shape[0])
@@ -32,10 +41,11 @@ def load_crop_bank(world_dir: str, image_set: str, classes: Sequence[str]) -> Cr
     """Every annotated box of ``image_set`` with its image, read once."""
     dicts = load_voc_instances(world_dir, image_set, list(classes))
     arrays: List[np.ndarray] = []
-    boxes, image_index, labels = [], [], []
+    boxes, image_index, labels, image_ids = [], [], [], []
     for d in dicts:
         if not d["annotations"]:
             continue
+        image_ids.append(d["image_id"])
         for ann in d["annotations"]:
             boxes.append(ann["bbox"])
             labels.append(ann["category_id"])
@@ -57,6 +67,51 @@ def load_crop_bank(world_dir: str, image_set: str, classes: Sequence[str]) -> Cr
         boxes=torch.tensor(boxes, dtype=torch.float32),
         image_index=torch.tensor(image_index, dtype=torch.long),
         labels=torch.tensor(labels, dtype=torch.long),
+        image_ids=tuple(image_ids),
+    )
+
+
+def add_unannotated_objects(
+    bank: CropBank, world_dir: str, image_set: str, first_label: int
+) -> Tuple[CropBank, List[str]]:
+    """The bank plus the objects of no class that the world drew in its images but did not
+    annotate (distractors such as "grey cross"), each labelled with its own name.
+
+    The generator is deterministic, so the objects are re-drawn from the world's manifest.
+
+    Returns:
+        (bank, names): name ``names[i]`` has label ``first_label + i``; names are sorted.
+    """
+    # Imported here so that the teacher package (and load_clip) does not need the generator.
+    from vild_d2.data.shapes_world import WorldConfig, image_index, read_manifest, render_image
+
+    manifest = read_manifest(world_dir)
+    if manifest is None or "config" not in manifest:
+        raise ValueError(
+            f"{world_dir} holds no readable world manifest; regenerate the world with "
+            "datasets/prepare_shapes_ovd.py"
+        )
+    cfg = WorldConfig(**manifest["config"])
+    found = []  # (image, name, box)
+    for i, iid in enumerate(bank.image_ids):
+        _, objects = render_image(cfg, image_set, image_index(iid))
+        for obj in objects:
+            if obj.class_name is None:
+                x0, y0, x1, y1 = obj.box  # VOC 1-based inclusive -> detectron2's XYXY_ABS
+                found.append((i, obj.name, [x0 - 1.0, y0 - 1.0, float(x1), float(y1)]))
+    names = sorted({name for _, name, _ in found})
+    if not found:
+        return bank, names
+    return (
+        replace(
+            bank,
+            boxes=torch.cat([bank.boxes, torch.tensor([b for _, _, b in found])]),
+            image_index=torch.cat([bank.image_index, torch.tensor([i for i, _, _ in found])]),
+            labels=torch.cat(
+                [bank.labels, torch.tensor([first_label + names.index(n) for _, n, _ in found])]
+            ),
+        ),
+        names,
     )
 
 
@@ -69,7 +124,8 @@ def add_background_boxes(
     side_range: Tuple[float, float] = (0.1, 0.6),
 ) -> CropBank:
     """The bank plus up to ``per_image`` random boxes per image, labelled ``label``, that overlap
-    no annotated box by more than ``max_iou``: background, texture and unannotated distractors.
+    no box of the bank by more than ``max_iou``: background, texture, and the unannotated
+    distractors unless ``add_unannotated_objects`` put them in the bank.
 
     Box sides are drawn as fractions ``side_range`` of the image side, like the world's objects.
     """
@@ -90,9 +146,8 @@ def add_background_boxes(
         boxes.append(cand)
         image_index.append(torch.full((len(cand),), i, dtype=torch.long))
     boxes, image_index = torch.cat(boxes), torch.cat(image_index)
-    return CropBank(
-        images=bank.images,
-        image_sizes=bank.image_sizes,
+    return replace(
+        bank,
         boxes=torch.cat([bank.boxes, boxes]),
         image_index=torch.cat([bank.image_index, image_index]),
         labels=torch.cat([bank.labels, torch.full((len(boxes),), label, dtype=torch.long)]),

@@ -17,7 +17,7 @@ import torch
 
 from vild_d2.data.splits import load_split
 
-from .crops import fixed_crops, load_crop_bank
+from .crops import add_unannotated_objects, fixed_crops, load_crop_bank
 from .export import save_openai_archive
 from .loader import TEACHER_CHECKPOINT, TEACHER_MANIFEST, file_fingerprint, load_clip
 from .train_teacher import TeacherConfig, train_teacher
@@ -136,8 +136,14 @@ def ensure_teacher(
     split = load_split(os.path.join(world_dir, "split.json"))
     start = time.perf_counter()
     bank = load_crop_bank(world_dir, TRAIN_SET, split.classes)
-    logger.info(f"teacher: {len(bank)} training boxes from {len(bank.images)} images")
-    model, stats = train_teacher(bank, split.classes, cfg)
+    num_class_boxes, other_names = len(bank), []
+    if cfg.other_objects_fraction > 0:
+        bank, other_names = add_unannotated_objects(bank, world_dir, TRAIN_SET, len(split.classes))
+    logger.info(
+        f"teacher: {num_class_boxes} class boxes and {len(bank) - num_class_boxes} boxes of "
+        f"{len(other_names)} other concepts from {len(bank.images)} images"
+    )
+    model, stats = train_teacher(bank, split.classes, cfg, other_names)
     checkpoint = os.path.join(output_dir, TEACHER_CHECKPOINT)
     save_openai_archive(model, checkpoint)
 
@@ -163,7 +169,9 @@ def ensure_teacher(
         "training_seconds": round(stats["training_seconds"], 1),
         "total_seconds": round(time.perf_counter() - start, 1),
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "num_train_boxes": len(bank),
+        "num_train_boxes": num_class_boxes,
+        "num_other_boxes": len(bank) - num_class_boxes,
+        "other_concepts": other_names,
         "train_accuracy": stats["train_accuracy"],
         "heldout_accuracy_all": heldout["all"],
         "heldout_accuracy_novel": heldout["novel"],

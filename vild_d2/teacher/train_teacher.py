@@ -5,6 +5,11 @@ A batch samples boxes class-balanced and pairs their augmented crops with one ca
 holds many crops of one class, so the loss is over the deduplicated captions: image->text is a
 cross-entropy over the class captions, text->image a cross-entropy with every crop of the class
 as a positive.
+
+Like CLIP, whose vocabulary is far larger than any detector's, the teacher also learns words for
+what the world draws beyond its classes (``other_names``: distractors such as "grey cross").
+Without them it has no place for such objects but near some class, and a detector distilled
+from it learns to call them that class.
 """
 
 import logging
@@ -57,6 +62,9 @@ class TeacherConfig:
     background_name: str = ""
     background_per_image: int = 4  # such boxes drawn per training image
     background_fraction: float = 0.25  # share of each batch's crops that are background
+    # Share of each batch's crops taken from the world's objects of no class, each captioned with
+    # its own name (balanced over those names); 0 = the classes only.
+    other_objects_fraction: float = 0.25
     num_threads: int = 2
     log_every: int = 50
 
@@ -71,6 +79,15 @@ class TeacherConfig:
             )
         if not 0.0 <= self.background_fraction < 1.0:
             raise ValueError(f"background_fraction must be in [0, 1), got {self.background_fraction}")
+        if not 0.0 <= self.other_objects_fraction < 1.0:
+            raise ValueError(
+                f"other_objects_fraction must be in [0, 1), got {self.other_objects_fraction}"
+            )
+        if self.background_name and self.background_fraction + self.other_objects_fraction >= 1.0:
+            raise ValueError(
+                "background_fraction + other_objects_fraction must be below 1, got "
+                f"{self.background_fraction} + {self.other_objects_fraction}; lower one of them"
+            )
         if self.steps < 1 or self.batch_size < 2:
             raise ValueError("steps must be >= 1 and batch_size >= 2")
         check_templates(self.templates)
@@ -153,12 +170,15 @@ def contrastive_loss(
 
 
 class _BalancedSampler:
-    """Box indices drawn class-uniformly, then uniformly within the class."""
+    """Box indices drawn uniformly over the ``labels`` present, then uniformly within the label."""
 
-    def __init__(self, labels: torch.Tensor, num_classes: int, generator: torch.Generator):
-        self.by_class = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
-        self.present = torch.tensor([c for c in range(num_classes) if len(self.by_class[c])])
+    def __init__(self, bank_labels: torch.Tensor, labels: Sequence[int], generator: torch.Generator):
+        self.by_label = {c: torch.nonzero(bank_labels == c).flatten() for c in labels}
+        self.present = torch.tensor([c for c in labels if len(self.by_label[c])], dtype=torch.long)
         self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.present)
 
     def __call__(self, n: int) -> torch.Tensor:
         g = self.generator
@@ -166,41 +186,51 @@ class _BalancedSampler:
         index = torch.empty(n, dtype=torch.long)
         for c in classes.unique().tolist():
             where = classes == c
-            pool = self.by_class[c]
+            pool = self.by_label[c]
             index[where] = pool[torch.randint(len(pool), (int(where.sum()),), generator=g)]
         return index
 
 
 def train_teacher(
-    bank: CropBank, class_names: Sequence[str], cfg: TeacherConfig
+    bank: CropBank,
+    class_names: Sequence[str],
+    cfg: TeacherConfig,
+    other_names: Sequence[str] = (),
 ) -> Tuple[CLIP, Dict[str, float]]:
-    """Train a teacher on ``bank``'s boxes; returns the eval-mode model and training stats."""
+    """Train a teacher on ``bank``'s boxes; returns the eval-mode model and training stats.
+
+    Labels ``0 .. len(class_names) - 1`` are the classes; the ``len(other_names)`` labels after
+    them are other objects, which fill ``cfg.other_objects_fraction`` of each batch.
+    """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
     try:
-        return _train(bank, list(class_names), cfg)
+        return _train(bank, list(class_names), list(other_names), cfg)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(bank: CropBank, class_names, cfg: TeacherConfig):
+def _train(bank: CropBank, class_names, other_names, cfg: TeacherConfig):
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = build_teacher_model(cfg).train()
     num_classes = len(class_names)
+    names = class_names + other_names
     if cfg.background_name:
-        bank = add_background_boxes(bank, num_classes, cfg.background_per_image, generator)
-        class_names = class_names + [cfg.background_name]
-    captions = fill_templates(cfg.templates, class_names)
+        bank = add_background_boxes(bank, len(names), cfg.background_per_image, generator)
+        names = names + [cfg.background_name]
+    captions = fill_templates(cfg.templates, names)
     tokens = clip.tokenize([c for row in captions for c in row], CONTEXT_LENGTH)
-    tokens = tokens.view(len(captions), len(class_names), -1)
-    sampler = _BalancedSampler(bank.labels, num_classes, generator)
-    background = torch.nonzero(bank.labels == num_classes).flatten()
+    tokens = tokens.view(len(captions), len(names), -1)
+    sampler = _BalancedSampler(bank.labels, range(num_classes), generator)
+    others = _BalancedSampler(bank.labels, range(num_classes, num_classes + len(other_names)), generator)
+    num_other = int(round(cfg.batch_size * cfg.other_objects_fraction)) if len(others) else 0
+    background = torch.nonzero(bank.labels == num_classes + len(other_names)).flatten()
     num_background = int(round(cfg.batch_size * cfg.background_fraction)) if len(background) else 0
     optimizer = _adamw(_param_groups(model, cfg.weight_decay), cfg.lr)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    class_index = torch.arange(len(class_names))
+    class_index = torch.arange(len(names))
 
     start = time.perf_counter()
     step, loss_avg, acc_avg = 0, None, None
@@ -210,14 +240,16 @@ def _train(bank: CropBank, class_names, cfg: TeacherConfig):
             break
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(step, cfg)
-        index = sampler(cfg.batch_size - num_background)
+        index = sampler(cfg.batch_size - num_other - num_background)
+        if num_other:
+            index = torch.cat([index, others(num_other)])
         if num_background:
             pick = torch.randint(len(background), (num_background,), generator=generator)
             index = torch.cat([index, background[pick]])
         crops = random_crops(
             bank, index, cfg.crop_size, generator, cfg.box_jitter, cfg.context_range, flip=True
         )
-        template = torch.randint(len(captions), (len(class_names),), generator=generator)
+        template = torch.randint(len(captions), (len(names),), generator=generator)
         loss, logits = contrastive_loss(
             model.encode_image((crops - mean) / std),
             model.encode_text(tokens[template, class_index]),
