@@ -105,3 +105,14 @@ def test_voc_pipeline_without_a_voc_tree_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.strip().splitlines() if "Warning" not in l and "warn" not in l]
     assert len(lines) == 1 and "VOC2007" in lines[0], proc.stderr
+
+
+def test_teacher_stage_is_keyed_by_the_whole_teacher_config(tmp_path):
+    from vild_d2.pipeline.run import PipelineOptions, ShapesPipeline
+    from vild_d2.teacher import TeacherConfig
+
+    opts = PipelineOptions(output_dir=str(tmp_path / "o"), seed=3, teacher={"steps": 7})
+    (stage,) = ShapesPipeline(opts).beside_stage1([])
+    # defaults count too: a teacher trained under other defaults is not reused
+    assert stage["key"]["teacher"] == TeacherConfig(seed=3, steps=7).cache_key()
+    assert "other_objects_fraction" in stage["key"]["teacher"]

@@ -360,15 +360,19 @@ class ShapesPipeline(Pipeline):
         os.symlink(self.world_dir, link)
         return {"world_dir": self.world_dir}
 
+    def teacher_config(self):
+        from ..teacher.train_teacher import TeacherConfig
+
+        # num_threads is a run-only field: not in the config's cache key
+        return TeacherConfig(**dict(self.o.teacher, seed=self.o.seed, num_threads=self.lane_threads))
+
     def build_teacher(self):
         import torch
 
         from ..teacher.ensure import ensure_teacher
-        from ..teacher.train_teacher import TeacherConfig
 
         torch.set_num_threads(self.lane_threads)
-        teacher = dict(self.o.teacher, num_threads=self.lane_threads)  # a run-only field: not in its key
-        m = ensure_teacher(self.world_dir, self.teacher_dir, TeacherConfig(seed=self.o.seed, **teacher))
+        m = ensure_teacher(self.world_dir, self.teacher_dir, self.teacher_config())
         return {k: m[k] for k in ("heldout_accuracy_all", "heldout_accuracy_novel", "fingerprint")}
 
     def prepare(self) -> List[str]:
@@ -378,7 +382,8 @@ class ShapesPipeline(Pipeline):
         return ["world"]
 
     def beside_stage1(self, upstream):
-        return [dict(name="teacher", key={"teacher": self.o.teacher, "seed": self.o.seed},
+        # the whole effective config, so a teacher of other defaults is never taken for this one
+        return [dict(name="teacher", key={"teacher": self.teacher_config().cache_key()},
                      fn=self.build_teacher, outputs=[self.clip_model], after=upstream)]
 
     def report_config(self) -> dict:
