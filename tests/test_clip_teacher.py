@@ -182,6 +182,8 @@ def test_teacher_trains_and_manifest(teacher):
     # the world's distractors, learnt under their own names beside the classes
     assert manifest["num_other_boxes"] > 0 and len(manifest["other_concepts"]) > 5
     assert not set(manifest["other_concepts"]) & set(manifest["classes"])
+    nearest = manifest["nearest_class_cosine"]
+    assert -1.0 <= nearest["other_objects"] < nearest["class_objects"] <= 1.0
     assert manifest["architecture"]["transformer_heads"] == 1
     for key in ("seed", "training_seconds", "world", "config", "fingerprint"):
         assert key in manifest

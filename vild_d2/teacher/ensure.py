@@ -23,7 +23,13 @@ from .loader import TEACHER_CHECKPOINT, TEACHER_MANIFEST, file_fingerprint, load
 from .train_teacher import TeacherConfig, train_teacher
 from .zero_shot import encode_crops, prompt_ensemble_embeddings, zero_shot_accuracy
 
-__all__ = ["TeacherError", "ensure_teacher", "evaluate_teacher", "read_teacher_manifest"]
+__all__ = [
+    "TeacherError",
+    "ensure_teacher",
+    "evaluate_teacher",
+    "nearest_class_cosine",
+    "read_teacher_manifest",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +109,29 @@ def evaluate_teacher(model, world_dir: str, templates, crop_scales=(1.0,)) -> Di
     return results
 
 
+@torch.no_grad()
+def nearest_class_cosine(model, world_dir: str, templates) -> Dict[str, float]:
+    """Mean cosine of the ``teacher_val`` crops (1x) to their nearest class text, for the class
+    objects and for the world's objects of no class (distractors).
+
+    A teacher with no words for distractors puts them near some class, and a detector distilled
+    from it learns to call them that class; ``other_objects`` well below ``class_objects`` says
+    the teacher keeps them apart.
+    """
+    split = load_split(os.path.join(world_dir, "split.json"))
+    bank = load_crop_bank(world_dir, VAL_SET, split.classes)
+    num_class_boxes = len(bank)
+    bank, _ = add_unannotated_objects(bank, world_dir, VAL_SET, len(split.classes))
+    text = prompt_ensemble_embeddings(model, split.classes, templates)
+    images = encode_crops(model, fixed_crops(bank, int(model.visual.input_resolution), 1.0))
+    nearest = (images @ text.t()).max(dim=1).values
+    others = nearest[num_class_boxes:]
+    return {
+        "class_objects": float(nearest[:num_class_boxes].mean()),
+        "other_objects": float(others.mean()) if len(others) else float("nan"),
+    }
+
+
 def _write_json(path: str, data: dict) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -153,6 +182,7 @@ def ensure_teacher(
     torch.set_num_threads(cfg.num_threads)
     try:
         heldout, context = evaluate_teacher(loaded, world_dir, cfg.templates, (1.0, 1.5)).values()
+        nearest = nearest_class_cosine(loaded, world_dir, cfg.templates)
     finally:
         torch.set_num_threads(previous_threads)
     manifest = {
@@ -176,12 +206,14 @@ def ensure_teacher(
         "heldout_accuracy_all": heldout["all"],
         "heldout_accuracy_novel": heldout["novel"],
         "heldout_accuracy_all_1.5x": context["all"],
+        "nearest_class_cosine": nearest,
         "classes": list(split.classes),
         "novel_classes": list(split.novel_classes),
     }
     _write_json(manifest_path, manifest)
     logger.info(
         f"teacher: held-out zero-shot accuracy {heldout['all']:.3f} (novel {heldout['novel']:.3f}, "
-        f"1.5x crops {context['all']:.3f}); saved {checkpoint}"
+        f"1.5x crops {context['all']:.3f}); mean cosine to the nearest class text: class objects "
+        f"{nearest['class_objects']:.2f}, other objects {nearest['other_objects']:.2f}; saved {checkpoint}"
     )
     return manifest

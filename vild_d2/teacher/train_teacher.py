@@ -3,8 +3,8 @@
 A batch samples boxes class-balanced and pairs their augmented crops with one caption per class
 ("template.format(class name)", a random template per class and step). With 16 classes a batch
 holds many crops of one class, so the loss is over the deduplicated captions: image->text is a
-cross-entropy over the class captions, text->image a cross-entropy with every crop of the class
-as a positive.
+cross-entropy over the captions of every class (and of the other concepts in the batch),
+text->image a cross-entropy with every crop of the concept as a positive.
 
 Like CLIP, whose vocabulary is far larger than any detector's, the teacher also learns words for
 what the world draws beyond its classes (``other_names``: distractors such as "grey cross").
@@ -230,7 +230,7 @@ def _train(bank: CropBank, class_names, other_names, cfg: TeacherConfig):
     optimizer = _adamw(_param_groups(model, cfg.weight_decay), cfg.lr)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    class_index = torch.arange(len(names))
+    class_index = torch.arange(num_classes)
 
     start = time.perf_counter()
     step, loss_avg, acc_avg = 0, None, None
@@ -249,11 +249,16 @@ def _train(bank: CropBank, class_names, other_names, cfg: TeacherConfig):
         crops = random_crops(
             bank, index, cfg.crop_size, generator, cfg.box_jitter, cfg.context_range, flip=True
         )
-        template = torch.randint(len(captions), (len(names),), generator=generator)
+        # every class caption, and those of the other concepts in this batch (in-batch
+        # negatives, as in CLIP): encoding all 45 distractor names each step costs a third more
+        labels = bank.labels[index]
+        concepts = torch.unique(torch.cat([class_index, labels]))
+        targets = torch.searchsorted(concepts, labels)
+        template = torch.randint(len(captions), (len(concepts),), generator=generator)
         loss, logits = contrastive_loss(
             model.encode_image((crops - mean) / std),
-            model.encode_text(tokens[template, class_index]),
-            bank.labels[index],
+            model.encode_text(tokens[template, concepts]),
+            targets,
             model.logit_scale.exp(),
         )
         optimizer.zero_grad(set_to_none=True)
@@ -263,7 +268,7 @@ def _train(bank: CropBank, class_names, other_names, cfg: TeacherConfig):
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
 
-        acc = (logits.argmax(1) == bank.labels[index]).float().mean().item()
+        acc = (logits.argmax(1) == targets).float().mean().item()
         loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()
         acc_avg = acc if acc_avg is None else 0.9 * acc_avg + 0.1 * acc
         if step % cfg.log_every == 0 or step == cfg.steps:
