@@ -43,6 +43,7 @@ SMALL = TeacherConfig(
     text_layers=1,
     warmup_steps=10,
     log_every=100,
+    other_objects_fraction=0.25,
 )
 
 
@@ -147,6 +148,7 @@ def test_unannotated_objects_join_the_bank_under_their_own_names(world):
 
 
 def test_other_objects_are_keyed_and_validated():
+    assert TeacherConfig().other_objects_fraction == 0.0  # the classes only, unless asked
     assert SMALL.cache_key()["other_objects_fraction"] == 0.25
     assert replace(SMALL, other_objects_fraction=0.0).cache_key() != SMALL.cache_key()
     with pytest.raises(ValueError, match="other_objects_fraction"):

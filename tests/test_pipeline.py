@@ -39,12 +39,13 @@ def test_quick_pipeline_end_to_end_and_rerun(tmp_path):
     assert "threads=2" in (tmp_path / "out2" / "logs" / "stage1.log").read_text()
 
 
-@pytest.mark.parametrize("novel, message", [
-    ("red circle,purple circle", "purple"),
-    ("red circle,red square,red triangle,red star", "red"),
+@pytest.mark.parametrize("args, message", [
+    (["--novel-classes", "red circle,purple circle"], "purple"),
+    (["--novel-classes", "red circle,red square,red triangle,red star"], "red"),
+    (["--teacher-other-objects", "1.5"], "other_objects_fraction"),
 ])
-def test_invalid_novel_classes_are_one_line_errors(tmp_path, novel, message):
-    proc = _run(["--quick", "--novel-classes", novel, "--output-dir", str(tmp_path / "o"),
+def test_invalid_options_are_one_line_errors(tmp_path, args, message):
+    proc = _run(["--quick", *args, "--output-dir", str(tmp_path / "o"),
                  "--datasets-dir", str(tmp_path / "ds")], ROOT)
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.strip().splitlines() if "Warning" not in l and "warn" not in l]

@@ -35,6 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=None, help="iterations of each ViLD training")
     p.add_argument("--finetune-lr", type=float, default=None,
                    help="learning rate of the trainings started from stage 1 (world default 0.005)")
+    p.add_argument("--teacher-other-objects", type=float, default=None, metavar="FRACTION",
+                   help="share of the world teacher's batches taken from distractors captioned with "
+                        "their own names (TeacherConfig.other_objects_fraction; default 0)")
     p.add_argument("--threads", type=int, default=2, help="CPU cores to use; parallel stages share them")
     p.add_argument("--parallel", type=int, default=3,
                    help="trainings run at once (each gets threads/parallel cores; 1: one by one)")
@@ -65,6 +68,8 @@ def main(argv=None):
         opts.stage1_iters = args.stage1_iters
     if args.iters:
         opts.iters = args.iters
+    if args.teacher_other_objects is not None:
+        opts.teacher = dict(opts.teacher, other_objects_fraction=args.teacher_other_objects)
     if args.dataset == "voc" and args.quick:
         opts.world, opts.teacher = {}, {}
     try:

@@ -324,6 +324,9 @@ class ShapesPipeline(Pipeline):
         split = make_split(opts.novel_classes)  # raises a one-line SplitError when invalid
         check_attribute_coverage(split)
         self.world_cfg = WorldConfig(seed=opts.seed, **opts.world)
+        from ..teacher.train_teacher import TeacherConfig
+
+        TeacherConfig(**dict(opts.teacher, seed=opts.seed))  # a bad teacher option fails before any work
         super().__init__(opts, split)
         default = opts.world == {} and opts.seed == 0 and opts.novel_classes is None
         tag = "" if default else "-" + key_digest([dataclasses.asdict(self.world_cfg), split.to_dict()])[:8]
