@@ -302,6 +302,14 @@ class Pipeline:
         return methods
 
 
+def _teacher_config(opts: PipelineOptions, num_threads: int):
+    """The world teacher's config: the user's overrides, the run's seed and threads (a run-only
+    field, not in the config's cache key)."""
+    from ..teacher.train_teacher import TeacherConfig
+
+    return TeacherConfig(**dict(opts.teacher, seed=opts.seed, num_threads=num_threads))
+
+
 class ShapesPipeline(Pipeline):
     """The main job on the embedded world: the world and its CLIP teacher come first."""
 
@@ -324,9 +332,7 @@ class ShapesPipeline(Pipeline):
         split = make_split(opts.novel_classes)  # raises a one-line SplitError when invalid
         check_attribute_coverage(split)
         self.world_cfg = WorldConfig(seed=opts.seed, **opts.world)
-        from ..teacher.train_teacher import TeacherConfig
-
-        TeacherConfig(**dict(opts.teacher, seed=opts.seed))  # a bad teacher option fails before any work
+        _teacher_config(opts, opts.threads)  # a bad teacher option fails before any work
         super().__init__(opts, split)
         default = opts.world == {} and opts.seed == 0 and opts.novel_classes is None
         tag = "" if default else "-" + key_digest([dataclasses.asdict(self.world_cfg), split.to_dict()])[:8]
@@ -364,10 +370,7 @@ class ShapesPipeline(Pipeline):
         return {"world_dir": self.world_dir}
 
     def teacher_config(self):
-        from ..teacher.train_teacher import TeacherConfig
-
-        # num_threads is a run-only field: not in the config's cache key
-        return TeacherConfig(**dict(self.o.teacher, seed=self.o.seed, num_threads=self.lane_threads))
+        return _teacher_config(self.o, self.lane_threads)
 
     def build_teacher(self):
         import torch

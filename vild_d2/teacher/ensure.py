@@ -94,22 +94,46 @@ def _is_complete(output_dir: str, cfg: TeacherConfig, world: dict) -> Optional[d
     return manifest if file_fingerprint(checkpoint) == manifest.get("fingerprint") else None
 
 
-def evaluate_teacher(model, world_dir: str, templates, crop_scales=(1.0,)) -> Dict[float, dict]:
-    """Zero-shot accuracy ({"all", "novel"}) on the ``teacher_val`` boxes, per crop scale."""
+def _held_out(model, world_dir: str, templates):
+    """What the held-out scores read, loaded once: the split, the ``teacher_val`` bank (its class
+    objects first, then the world's objects of no class), the number of class boxes and the class
+    text embeddings."""
     split = load_split(os.path.join(world_dir, "split.json"))
     bank = load_crop_bank(world_dir, VAL_SET, split.classes)
-    text = prompt_ensemble_embeddings(model, split.classes, templates)
+    num_class_boxes = len(bank)
+    bank, _ = add_unannotated_objects(bank, world_dir, VAL_SET, len(split.classes))
+    return split, bank, num_class_boxes, prompt_ensemble_embeddings(model, split.classes, templates)
+
+
+def _accuracy(model, held_out, crop_scales) -> Dict[float, dict]:
+    split, bank, num_class_boxes, text = held_out
+    index = torch.arange(num_class_boxes)
     results = {}
     for scale in crop_scales:
-        crops = fixed_crops(bank, int(model.visual.input_resolution), scale)
+        crops = fixed_crops(bank, int(model.visual.input_resolution), scale, index)
         images = encode_crops(model, crops)
         results[scale] = zero_shot_accuracy(
-            images, bank.labels, text, split.classes, split.novel_classes
+            images, bank.labels[index], text, split.classes, split.novel_classes
         )
     return results
 
 
-@torch.no_grad()
+def _nearest_class_cosine(model, held_out) -> Dict[str, float]:
+    _, bank, num_class_boxes, text = held_out
+    images = encode_crops(model, fixed_crops(bank, int(model.visual.input_resolution), 1.0))
+    nearest = (images @ text.t()).max(dim=1).values
+    others = nearest[num_class_boxes:]
+    return {
+        "class_objects": float(nearest[:num_class_boxes].mean()),
+        "other_objects": float(others.mean()) if len(others) else float("nan"),
+    }
+
+
+def evaluate_teacher(model, world_dir: str, templates, crop_scales=(1.0,)) -> Dict[float, dict]:
+    """Zero-shot accuracy ({"all", "novel"}) on the ``teacher_val`` class boxes, per crop scale."""
+    return _accuracy(model, _held_out(model, world_dir, templates), crop_scales)
+
+
 def nearest_class_cosine(model, world_dir: str, templates) -> Dict[str, float]:
     """Mean cosine of the ``teacher_val`` crops (1x) to their nearest class text, for the class
     objects and for the world's objects of no class (distractors).
@@ -118,18 +142,7 @@ def nearest_class_cosine(model, world_dir: str, templates) -> Dict[str, float]:
     from it learns to call them that class; ``other_objects`` well below ``class_objects`` says
     the teacher keeps them apart.
     """
-    split = load_split(os.path.join(world_dir, "split.json"))
-    bank = load_crop_bank(world_dir, VAL_SET, split.classes)
-    num_class_boxes = len(bank)
-    bank, _ = add_unannotated_objects(bank, world_dir, VAL_SET, len(split.classes))
-    text = prompt_ensemble_embeddings(model, split.classes, templates)
-    images = encode_crops(model, fixed_crops(bank, int(model.visual.input_resolution), 1.0))
-    nearest = (images @ text.t()).max(dim=1).values
-    others = nearest[num_class_boxes:]
-    return {
-        "class_objects": float(nearest[:num_class_boxes].mean()),
-        "other_objects": float(others.mean()) if len(others) else float("nan"),
-    }
+    return _nearest_class_cosine(model, _held_out(model, world_dir, templates))
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -181,8 +194,9 @@ def ensure_teacher(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
     try:
-        heldout, context = evaluate_teacher(loaded, world_dir, cfg.templates, (1.0, 1.5)).values()
-        nearest = nearest_class_cosine(loaded, world_dir, cfg.templates)
+        held_out = _held_out(loaded, world_dir, cfg.templates)
+        heldout, context = _accuracy(loaded, held_out, (1.0, 1.5)).values()
+        nearest = _nearest_class_cosine(loaded, held_out)
     finally:
         torch.set_num_threads(previous_threads)
     manifest = {
