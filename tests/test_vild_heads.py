@@ -260,3 +260,32 @@ def test_ensemble_heads_read_alone(tmp_path):
         scores[head] = out[0].scores.sort().values
     assert not torch.allclose(scores["text"][:5], scores["image"][:5])
     assert not torch.allclose(scores["ensemble"][:5], scores["text"][:5])
+
+
+@pytest.mark.parametrize("mode", ["vild", "ensemble"])
+def test_objectness_weight_scales_test_scores(tmp_path, mode):
+    cfg = _roi_cfg(tmp_path, mode)
+    cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST = 1.0  # every box survives, one detection per class and box
+    shape = {"p2": ShapeSpec(channels=8, stride=4)}
+    features, proposals, _, _ = _roi_inputs()
+
+    def detections(weight):
+        cfg.MODEL.VILD.OBJECTNESS_WEIGHT = weight
+        torch.manual_seed(0)
+        heads = build_roi_heads(cfg, shape).eval()
+        with torch.no_grad():
+            out, _ = heads(None, features, [p[:] for p in proposals])
+        return out[0]
+
+    plain, weighted = detections(0.0), detections(2.0)
+    objectness = proposals[0].objectness_logits.sigmoid()
+    for i in range(len(plain)):
+        k = [j for j in range(len(weighted))
+             if weighted.pred_classes[j] == plain.pred_classes[i]
+             and torch.equal(weighted.pred_boxes.tensor[j], plain.pred_boxes.tensor[i])]
+        assert len(k) == 1
+        # the detection's proposal: the one whose plain score, times its objectness squared, gives it
+        ratios = weighted.scores[k[0]] / plain.scores[i]
+        assert torch.isclose(ratios, objectness.pow(2)).any()
+    with pytest.raises(ValueError, match="OBJECTNESS_WEIGHT"):
+        detections(-1.0)

@@ -47,6 +47,9 @@ def add_vild_config(cfg):
     # above that threshold) leave the classification loss instead of teaching "background".
     # Not in the paper; 0 disables (the paper's recipe).
     _C.MODEL.VILD.UNLABELLED_OBJECTNESS = 0.0
+    # Test-time scores: class probability x (the proposal's RPN objectness probability) ** this,
+    # as the CLIP-on-crops baseline scores its crops. Not in the paper; 0 disables (the paper).
+    _C.MODEL.VILD.OBJECTNESS_WEIGHT = 0.0
     # Stage 1: train on every box as one "object" class (with MODEL.ROI_HEADS.NUM_CLASSES 1).
     _C.MODEL.VILD.CLASS_AGNOSTIC_LABELS = False
     # Test-time vocabulary: class names; empty = the test dataset's thing_classes.

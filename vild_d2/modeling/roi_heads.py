@@ -50,6 +50,7 @@ class ViLDROIHeads(StandardROIHeads):
         iot_threshold: float = 0.8,
         ensemble_test_head: str = "ensemble",
         unlabelled_objectness: float = 0.0,
+        objectness_weight: float = 0.0,
         **kwargs,
     ):
         """
@@ -66,6 +67,8 @@ class ViLDROIHeads(StandardROIHeads):
             unlabelled_objectness: cached proposals scoring at least this and matching no
                 ground truth are unlabelled objects; background RoIs on them are left out of the
                 classification loss. 0 disables.
+            objectness_weight: test scores are class probabilities times the proposal's
+                objectness probability to this power; 0 (the paper) leaves them as they are.
             kwargs: StandardROIHeads' arguments; box_predictor must be a ViLDTextPredictor.
         """
         super().__init__(**kwargs)
@@ -83,6 +86,9 @@ class ViLDROIHeads(StandardROIHeads):
         self.image_loss_weight = 0.0 if mode == "text" else image_loss_weight
         self.ensemble_lambda = ensemble_lambda
         self.unlabelled_objectness = unlabelled_objectness
+        if objectness_weight < 0:
+            raise ValueError(f"MODEL.VILD.OBJECTNESS_WEIGHT must be >= 0, got {objectness_weight}")
+        self.objectness_weight = objectness_weight
         self.label_assignment = label_assignment
         self.iot_matcher = Matcher([iot_threshold], [0, 1], allow_low_quality_matches=False)
         if mode == "ensemble":
@@ -116,6 +122,7 @@ class ViLDROIHeads(StandardROIHeads):
             iot_threshold=vild.IOT_THRESHOLD,
             ensemble_test_head=vild.ENSEMBLE_TEST_HEAD,
             unlabelled_objectness=vild.UNLABELLED_OBJECTNESS,
+            objectness_weight=vild.OBJECTNESS_WEIGHT,
         )
         if vild.MODE == "ensemble":
             ret["image_box_head"] = build_box_head(cfg, _pooled_shape(cfg, input_shape))
@@ -214,23 +221,24 @@ class ViLDROIHeads(StandardROIHeads):
         return box_feats.sum() * 0.0
 
     def _inference(self, features, pooled, proposals):
-        box_feats = self.box_head(pooled)
         predictor = self.box_predictor
-        logits, deltas = predictor(box_feats)
+        logits, deltas = predictor(self.box_head(pooled))
         if self.mode != "ensemble" or self.ensemble_test_head == "text":
-            instances, _ = predictor.inference((logits, deltas), proposals)
-            return instances
-        image_region = predictor.region_embeddings(self.image_box_head(pooled), self.image_projection)
-        image_logits = predictor.classify(image_region)
-        if self.ensemble_test_head == "image":
-            probs = image_logits.softmax(dim=-1)
+            probs = logits.softmax(dim=-1)
         else:
-            probs = predictor.ensemble_probs(logits, image_logits, self.ensemble_lambda)
+            image_region = predictor.region_embeddings(self.image_box_head(pooled), self.image_projection)
+            image_logits = predictor.classify(image_region)
+            if self.ensemble_test_head == "image":
+                probs = image_logits.softmax(dim=-1)
+            else:
+                probs = predictor.ensemble_probs(logits, image_logits, self.ensemble_lambda)
+        if self.objectness_weight > 0:
+            objectness = torch.cat([p.objectness_logits for p in proposals]).sigmoid()
+            probs = probs * objectness.pow(self.objectness_weight)[:, None]
         boxes = predictor.predict_boxes((logits, deltas), proposals)
-        counts = [len(p) for p in proposals]
         instances, _ = fast_rcnn_inference(
             boxes,
-            probs.split(counts),
+            probs.split([len(p) for p in proposals]),
             [p.image_size for p in proposals],
             predictor.test_score_thresh,
             predictor.test_nms_thresh,
