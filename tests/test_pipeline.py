@@ -117,3 +117,16 @@ def test_teacher_stage_is_keyed_by_the_whole_teacher_config(tmp_path):
     # defaults count too: a teacher trained under other defaults is not reused
     assert stage["key"]["teacher"] == TeacherConfig(seed=3, steps=7).cache_key()
     assert "other_objects_fraction" in stage["key"]["teacher"]
+
+
+def test_a_stale_clip_cache_is_removed_before_it_is_rebuilt(tmp_path):
+    from vild_d2.pipeline.run import PipelineOptions, ShapesPipeline
+
+    pipeline = ShapesPipeline(PipelineOptions(output_dir=str(tmp_path / "o")))
+    stage = pipeline.precompute_stage("stage1.pth", ["stage1"])
+    manifest = tmp_path / "o" / "clip_cache" / "manifest.json"
+    assert stage["outputs"] == [str(manifest)]
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("{}")
+    stage["clean"]()
+    assert not manifest.parent.exists()

@@ -183,6 +183,15 @@ class Pipeline:
             outputs=[os.path.join(self.out, "stage1", "model_final.pth")], after=after,
             clean=lambda: shutil.rmtree(os.path.join(self.out, "stage1"), ignore_errors=True))
 
+    def precompute_stage(self, stage1_weights, after) -> dict:
+        """The CLIP cache's arguments for StageRunner.run. A cache of other inputs (a retrained
+        stage 1, another teacher) is removed first: the cache refuses to mix keys."""
+        cache = os.path.join(self.out, "clip_cache")
+        return dict(
+            name="precompute", key={"opts": self.o.opts}, fn=lambda: self.precompute(stage1_weights),
+            outputs=[os.path.join(cache, "manifest.json")], after=after,
+            clean=lambda: shutil.rmtree(cache, ignore_errors=True))
+
     def run(self):
         st = self.stages
         upstream = self.prepare()
@@ -191,9 +200,7 @@ class Pipeline:
         s1, *done = st.run_parallel(first, self.lanes(first))
         self.beside_results = {b["name"]: r for b, r in zip(beside, done)}
         upstream += [b["name"] for b in beside]
-        cache = st.run("precompute", {"opts": self.o.opts}, lambda: self.precompute(s1["weights"]),
-                       outputs=[os.path.join(self.out, "clip_cache", "manifest.json")],
-                       after=["stage1", *upstream])
+        cache = st.run(**self.precompute_stage(s1["weights"], ["stage1", *upstream]))
         init = ["MODEL.VILD.DISTILL.CACHE_DIR", cache["cache"]]
         if self.init_from_stage1:
             init += ["MODEL.WEIGHTS", s1["weights"]]
