@@ -3,16 +3,19 @@
 boxes (each box at scales 1x and 1.5x):
 
   naive     per crop: a PIL crop, CLIP's own preprocess (clip.clip._transform) and a one-crop
-            encode_image (measured on the first --naive-crops crops);
+            encode_image in CLIP's own precision (fp32 on the CPU, fp16 on CUDA, as clip.load
+            gives it; measured on the first --naive-crops crops);
   pipeline  tools/precompute_clip_embeddings.py's path from image files + boxes to embeddings:
-            images decoded once, crops on tensors (roi_align), batched encode, scale ensemble;
-  encoder   encode_image alone on ready-made batches of the same size.
+            images decoded once, crops on tensors (roi_align), batched encode in --precision
+            (auto: bf16 on a CPU with bfloat16 units), scale ensemble;
+  encoder   encode_image alone on ready-made batches of the same size, in the same precision.
 
 Models: "teacher" (the embedded world's CLIP teacher; a random-weight model of its architecture
 when the checkpoint is absent) and "vit_b32" (a random-weight ViT-B/32).
 
   python benchmarks/precompute.py --models teacher,vit_b32 --json out.json
   python benchmarks/precompute.py --device cuda --images 8 --proposals 64
+  python benchmarks/precompute.py --precision fp32      # the pipeline without bfloat16
 """
 
 import argparse
@@ -144,24 +147,40 @@ def _encoder(encoder, info, total, batch_size, device):
     return total / (time.perf_counter() - start)
 
 
+def _batch_size(spec: str, model: str) -> int:
+    """``spec`` is "256" or "teacher=256,vit_b32=32" (a model left out gets 256)."""
+    if "=" not in spec:
+        return int(spec)
+    sizes = dict(item.split("=") for item in spec.split(",") if item)
+    return int(sizes.get(model, 256))
+
+
 def measure(name, args, dicts, boxes):
     device = torch.device(args.device)
     model, info, source = _model(name, args.teacher)
-    # all three run the model as the tool does: fp16 on CUDA, NHWC for a ResNet tower
-    encoder = RegionEncoder(model, info, SCALES, True, args.batch_size, device)
+    # pipeline and encoder run the model as the tool does (NHWC for a ResNet tower); the naive way
+    # in the precision clip.load gives (the two encoders share the model: bf16 is autocast)
+    batch_size = _batch_size(args.batch_size, name)
+    encoder = RegionEncoder(model, info, SCALES, True, batch_size, device, args.precision)
+    naive = RegionEncoder(model, info, SCALES, True, 1, device,
+                          "fp16" if device.type == "cuda" else "fp32")
     total = sum(len(b) for b in boxes) * len(SCALES)
     # one untimed pass of each warms up allocators and kernels
-    _naive(encoder, info, dicts[:1], boxes, device, 4)
+    _naive(naive, info, dicts[:1], boxes, device, 4)
     _pipeline(encoder, dicts[:1], boxes[:1], device, 0)
     results = {"naive": [], "pipeline": [], "encoder": []}
     for _ in range(args.repeats):
-        results["naive"].append(_naive(encoder, info, dicts, boxes, device, args.naive_crops))
+        results["naive"].append(_naive(naive, info, dicts, boxes, device, args.naive_crops))
         results["pipeline"].append(_pipeline(encoder, dicts, boxes, device, args.num_workers))
-        results["encoder"].append(_encoder(encoder, info, total, args.batch_size, device))
+        results["encoder"].append(_encoder(encoder, info, total, batch_size, device))
     out = {k: float(np.median(v)) for k, v in results.items()}
     out["pipeline_over_naive"] = out["pipeline"] / out["naive"]
     out["pipeline_over_encoder"] = out["pipeline"] / out["encoder"]
-    print(f"{name} ({source}, {info.input_resolution} px, {args.device}, {total} crops):")
+    out["precision"] = {"naive": naive.precision, "pipeline": encoder.precision}
+    out["batch_size"] = batch_size
+    print(f"{name} ({source}, {info.input_resolution} px, {args.device}, {total} crops; naive "
+          f"{naive.precision}, pipeline and encoder {encoder.precision} in batches of "
+          f"{batch_size}):")
     for k in ("naive", "pipeline", "encoder"):
         print(f"  {k:9s} {out[k]:10.1f} crops/s")
     print(f"  pipeline / naive   {out['pipeline_over_naive']:.2f}x")
@@ -179,10 +198,21 @@ def main():
         default="datasets/shapes_ovd_teacher/clip_teacher.pt",
         help="the teacher checkpoint",
     )
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="fp16 on cuda")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="the pipeline's and bare encoder's (auto: fp16 on cuda, bf16 on a CPU with bfloat16 "
+        "units, else fp32)",
+    )
     p.add_argument("--images", type=int, default=8, help="world images (160 px)")
     p.add_argument("--proposals", type=int, default=64, help="random boxes per image")
-    p.add_argument("--batch-size", type=int, default=256, help="crops per encoder call")
+    p.add_argument(
+        "--batch-size",
+        default="256",
+        help="crops per encoder call: one number, or per model, e.g. teacher=256,vit_b32=32",
+    )
     p.add_argument("--naive-crops", type=int, default=256, help="crops timed for the naive way")
     p.add_argument(
         "--num-workers", type=int, default=0, help="image-decoding workers of the pipeline"
@@ -190,7 +220,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument(
-        "--json", default="", help="write {model: {naive, pipeline, encoder, ratios}} here"
+        "--json", default="", help="write {model: {naive, pipeline, encoder, ratios, precision}} here"
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -19,7 +19,7 @@ from vild_d2 import add_vild_config
 from vild_d2.data.distill_mapper import DistillDatasetMapper
 from vild_d2.data.embedding_cache import CacheError, EmbeddingCache
 from vild_d2.data.shapes_world import WorldConfig, ensure_world
-from vild_d2.engine.precompute import RegionEncoder
+from vild_d2.engine.precompute import RegionEncoder, resolve_precision
 from vild_d2.teacher import clip_normalize, load_clip
 from vild_d2.teacher.crops import CropBank, fixed_crops
 from vild_d2.teacher.region_crops import crops_for_clip, expand_boxes
@@ -86,6 +86,8 @@ def _cmd(base, out, args=(), opts=()):
         "1",
         "--output-dir",
         str(base / out),
+        "--precision",
+        "fp32",
         *args,
         "MODEL.WEIGHTS",
         str(base / "stage1.pth"),
@@ -208,6 +210,8 @@ def test_another_key_in_the_same_directory_is_refused(tiny):
     stamps = [os.stat(tiny / "ref" / n).st_mtime_ns for n in CACHE_FILES]
     log = _run(tiny, "ref", args=["--crop-scales", "1.0"], ok=False)
     assert "crop_scales=[1.0, 1.5], but this run asks for crop_scales=[1.0]" in log
+    log = _run(tiny, "ref", args=["--precision", "bf16"], ok=False)
+    assert "precision='fp32', but this run asks for precision='bf16'" in log
     assert stamps == [os.stat(tiny / "ref" / n).st_mtime_ns for n in CACHE_FILES]
 
 
@@ -259,13 +263,39 @@ def test_region_encoder_batches_across_images_and_ensembles_scales(tiny):
     images = [torch.randint(0, 256, (3, 50, 70), generator=g, dtype=torch.uint8) for _ in range(3)]
     xy = [torch.rand(n, 2, generator=g) * 40 for n in (5, 0, 7)]
     boxes = [torch.cat([p, p + 4 + torch.rand(len(p), 2, generator=g) * 30], 1) for p in xy]
-    one_batch = RegionEncoder(model, info, (1.0, 1.5), batch_size=256)(images, boxes)
-    small = RegionEncoder(model, info, (1.0, 1.5), batch_size=3)(images, boxes)
+    one_batch = RegionEncoder(model, info, (1.0, 1.5), batch_size=256, precision="fp32")(images, boxes)
+    small = RegionEncoder(model, info, (1.0, 1.5), batch_size=3, precision="fp32")(images, boxes)
     assert [e.shape for e in small] == [(5, 64), (0, 64), (7, 64)]
     for a, b in zip(one_batch, small):
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
-    only_1x = RegionEncoder(model, info, (1.0, 1.5), ensemble_crops=False)(images, boxes)
+    only_1x = RegionEncoder(model, info, (1.0, 1.5), ensemble_crops=False, precision="fp32")(images, boxes)
     with torch.no_grad():
         crops = crops_for_clip(images[2], expand_boxes(boxes[2], 1.0, (50, 70)), info)
         want = F.normalize(model.encode_image(crops), dim=-1).numpy()
     np.testing.assert_allclose(only_1x[2].astype(np.float32), want, atol=2e-3)
+
+
+def test_bf16_encoder_matches_fp32_to_bf16_precision(tiny):
+    model, info = load_clip(str(tiny / "clip.pth"))
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, 60, 60), generator=g, dtype=torch.uint8)]
+    boxes = [torch.tensor([[0.0, 0, 30, 30], [10, 5, 59, 40], [20, 20, 50, 58]])]
+    fp32 = RegionEncoder(model, info, (1.0, 1.5), precision="fp32")
+    bf16 = RegionEncoder(model, info, (1.0, 1.5), precision="bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    a, b = fp32(images, boxes)[0].astype(np.float32), bf16(images, boxes)[0].astype(np.float32)
+    assert (a * b).sum(1).min() > 0.999  # cosine of unit vectors
+    assert not np.array_equal(a, b)  # bf16 did run
+
+
+def test_precision_resolution():
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "cuda") == "fp16"
+    cpu_has_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_bf16 else "fp32")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="'fp8' is not one of"):
+        resolve_precision("fp8", "cpu")
+

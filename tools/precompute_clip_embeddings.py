@@ -59,6 +59,7 @@ def options(cfg, args) -> PrecomputeOptions:
         num_workers=cfg.DATALOADER.NUM_WORKERS if args.num_workers is None else args.num_workers,
         config_file=args.config_file,
         output_dir=args.output_dir,
+        precision=args.precision or distill.PRECISION,
     )
 
 
@@ -130,6 +131,13 @@ def argument_parser():
         "--output-dir",
         default="",
         help="cache directory (default: <OUTPUT_DIR>/clip_cache/<datasets>-<key hash>)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="",
+        choices=("", "auto", "fp32", "bf16", "fp16"),
+        help="CLIP encoder arithmetic (default: MODEL.VILD.DISTILL.PRECISION; auto: fp16 on CUDA, "
+        "bf16 on CPUs with bfloat16 units, else fp32)",
     )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)"

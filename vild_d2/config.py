@@ -72,8 +72,16 @@ def add_vild_config(cfg):
     _C.MODEL.VILD.DISTILL.ENSEMBLE_CROPS = True
     # Batch size of crops per CLIP encoder call when precomputing.
     _C.MODEL.VILD.DISTILL.CROP_BATCH_SIZE = 256
+    # Arithmetic of the CLIP image encoder when precomputing and for CLIP on crops: "auto" (fp16 on
+    # CUDA, bf16 on a CPU with bfloat16 units, fp32 otherwise), "fp32", "bf16" or "fp16" (CUDA).
+    # Part of the cache's key: a cache is never a mix.
+    _C.MODEL.VILD.DISTILL.PRECISION = "auto"
 
     # Optimizer: "SGD" (detectron2's, with SOLVER.MOMENTUM) or "AdamW" (same parameter groups,
     # weight decay and gradient clipping; SOLVER.BASE_LR is Adam's step size).
     _C.SOLVER.OPTIMIZER = "SGD"
+    # Train in bfloat16 mixed precision when MODEL.DEVICE is cpu (detectron2's SOLVER.AMP is
+    # CUDA-only): the training forward runs under CPU autocast; region embeddings, their cosines
+    # and the losses stay float32. Fast on CPUs with bfloat16 units (AVX512-BF16, AMX).
+    _C.SOLVER.CPU_BF16 = False
     return cfg

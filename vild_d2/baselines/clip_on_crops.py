@@ -72,7 +72,7 @@ def build_clip_on_crops(cfg, stage1_weights: str, class_names: Sequence[str]) ->
     clip_model, info = load_clip(cfg.MODEL.VILD.CLIP_MODEL)
     d = cfg.MODEL.VILD.DISTILL
     encoder = RegionEncoder(clip_model, info, d.CROP_SCALES, d.ENSEMBLE_CROPS, d.CROP_BATCH_SIZE,
-                            device=cfg.MODEL.DEVICE)
+                            device=cfg.MODEL.DEVICE, precision=d.PRECISION)
     return CLIPOnCropsDetector(
         build_stage1_model(s1), encoder, class_embeddings(cfg, class_names),
         temperature=cfg.MODEL.VILD.TEMPERATURE, num_proposals=d.NUM_PROPOSALS,

@@ -50,6 +50,7 @@ __all__ = [
     "ImageReader",
     "PrecomputeOptions",
     "RegionEncoder",
+    "resolve_precision",
     "load_images_list",
     "run_precompute",
     "select_proposals",
@@ -74,6 +75,7 @@ class PrecomputeOptions:
     num_workers: int = 2
     config_file: str = ""
     output_dir: str = ""  # "" = <cfg.OUTPUT_DIR>/clip_cache/<datasets>-<short key hash>
+    precision: str = "auto"  # the CLIP encoder's: see resolve_precision
 
 
 # ---------------------------------------------------------------------------- images
@@ -208,10 +210,29 @@ def select_proposals(
 # ---------------------------------------------------------------------------- encoding
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device) -> str:
+    """The CLIP encoder's arithmetic: "auto" is fp16 on CUDA, bf16 on a CPU with bfloat16 units
+    (AVX512-BF16 or AMX) and fp32 on other CPUs."""
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return "bf16" if device.type == "cpu" and cpu_bf16 else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision fp16 needs a CUDA device, not {device}; use bf16 or fp32")
+    return precision
+
+
 class RegionEncoder:
-    """CLIP embeddings of boxes: crops on tensors, encoded ``batch_size`` crops at a time (fp16 on
-    CUDA), per-scale L2 norm, sum over scales, L2 norm. Takes over ``model``: it is moved to
-    ``device`` (in fp16 on CUDA) in place."""
+    """CLIP embeddings of boxes: crops on tensors, encoded ``batch_size`` crops at a time, per-scale
+    L2 norm, sum over scales, L2 norm. Takes over ``model``: it is moved to ``device`` in place (and
+    made fp16 for ``precision`` fp16; bf16 runs an fp32 model under autocast)."""
 
     def __init__(
         self,
@@ -221,9 +242,11 @@ class RegionEncoder:
         ensemble_crops: bool = True,
         batch_size: int = 256,
         device="cpu",
+        precision: str = "auto",
     ):
         self.device = torch.device(device)
-        self.half = self.device.type == "cuda"
+        self.precision = resolve_precision(precision, self.device)
+        self.half = self.precision == "fp16"
         self.model = (model.half() if self.half else model.float()).to(self.device).eval()
         # A ResNet tower runs its convolutions faster on NHWC inputs (CPU and tensor cores).
         self.channels_last = isinstance(self.model.visual, ModifiedResNet)
@@ -239,7 +262,9 @@ class RegionEncoder:
         x = x.to(self.device, torch.float16 if self.half else torch.float32)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model.encode_image(x)
+        bf16 = self.precision == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return self.model.encode_image(x)
 
     @torch.no_grad()
     def __call__(
@@ -316,6 +341,7 @@ def cache_key(cfg, opts: PrecomputeOptions, image_ids: Sequence[str], info: Clip
         "num_proposals": int(opts.num_proposals),
         "min_box_size": float(opts.min_box_size),
         "ensemble_crops": bool(opts.ensemble_crops),
+        "precision": resolve_precision(opts.precision, cfg.MODEL.DEVICE),
     }
 
 
@@ -437,7 +463,8 @@ def run_precompute(cfg, opts: PrecomputeOptions) -> dict:
 
     stage1_model = build_stage1_model(cfg)
     encoder = RegionEncoder(
-        clip_model, info, opts.crop_scales, opts.ensemble_crops, opts.batch_size, cfg.MODEL.DEVICE
+        clip_model, info, opts.crop_scales, opts.ensemble_crops, opts.batch_size, cfg.MODEL.DEVICE,
+        opts.precision,
     )
     stats = _compute_chunks(cfg, opts, dicts, my_chunks, writer, encoder, stage1_model)
 

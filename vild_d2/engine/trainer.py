@@ -20,6 +20,7 @@ from ..evaluation import OVDCOCOEvaluator, OVDLVISEvaluator, OVDPascalVOCEvaluat
 from ..data.distill_mapper import DistillDatasetMapper
 from ..modeling.text_predictor import ViLDTextPredictor
 from ..modeling.vocabulary import dataset_vocabulary, set_model_vocabulary
+from .cpu_autocast import TrainingAutocast
 from .optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class ViLDTrainer(DefaultTrainer):
     def __init__(self, cfg):
         with _ddp_on_cpu():
             super().__init__(cfg)
+        if cfg.SOLVER.CPU_BF16 and cfg.MODEL.DEVICE == "cpu":
+            self._trainer.model = TrainingAutocast(self._trainer.model)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -78,7 +81,9 @@ class ViLDTrainer(DefaultTrainer):
     def test(cls, cfg, model, evaluators=None):
         """Evaluate each test dataset with its own vocabulary (its thing_classes, unless
         MODEL.VILD.TEST_VOCABULARY is set); the training vocabulary is restored afterwards."""
-        inner = getattr(model, "module", model)
+        inner = model
+        while isinstance(inner, (TrainingAutocast, torch.nn.parallel.DistributedDataParallel)):
+            inner = inner.module
         predictor = getattr(getattr(inner, "roi_heads", None), "box_predictor", None)
         if not isinstance(predictor, ViLDTextPredictor):
             return super().test(cfg, model, evaluators)

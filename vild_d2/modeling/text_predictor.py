@@ -93,15 +93,18 @@ class ViLDTextPredictor(FastRCNNOutputLayers):
         self.num_classes = len(text_embeddings)
 
     def region_embeddings(self, x: torch.Tensor, projection: Optional[nn.Linear] = None):
-        """L2-normalised region embeddings [N, D] of box-head features."""
+        """L2-normalised region embeddings [N, D] of box-head features (float32, also under
+        autocast: cosines over a temperature of 0.01 need more than bfloat16's precision)."""
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
-        return F.normalize((projection or self.projection)(x), dim=-1)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.normalize((projection or self.projection)(x.float()), dim=-1)
 
     def classify(self, region_embeddings: torch.Tensor) -> torch.Tensor:
         """[N, K + 1] logits: cosine to each class, then to the background, over temperature."""
-        classifier = torch.cat([self.text_embeddings, F.normalize(self.background, dim=0)[None]])
-        return region_embeddings @ classifier.t() / self.temperature
+        with torch.autocast(region_embeddings.device.type, enabled=False):
+            classifier = torch.cat([self.text_embeddings, F.normalize(self.background, dim=0)[None]])
+            return region_embeddings.float() @ classifier.t() / self.temperature
 
     def forward(self, x):
         if x.dim() > 2:
