@@ -206,7 +206,9 @@ def main():
         help="the pipeline's and bare encoder's (auto: fp16 on cuda, bf16 on a CPU with bfloat16 "
         "units, else fp32)",
     )
-    p.add_argument("--images", type=int, default=8, help="world images (160 px)")
+    p.add_argument(
+        "--images", type=int, default=32, help="world images (160 px; the tool encodes 32 per chunk)"
+    )
     p.add_argument("--proposals", type=int, default=64, help="random boxes per image")
     p.add_argument(
         "--batch-size",

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Seconds per training iteration, inference seconds per batch and peak memory of ViLD and
-ViLD-ensemble against detectron2's stock Faster R-CNN with the same backbone, input and batch.
+ViLD-ensemble against detectron2's stock Faster R-CNN with the same backbone, input and batch;
+on the CPU also ViLD and ViLD-ensemble trained with SOLVER.CPU_BF16 (bfloat16 autocast) against
+float32.
 
 Each variant runs in its own process (so peak RSS is its own), on the same synthetic batch.
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 VARIANTS = ("stock", "vild", "ensemble")
+CPU_BF16_VARIANTS = ("vild_bf16", "ensemble_bf16")  # the training forward as SOLVER.CPU_BF16 runs it
 NUM_CLASSES = 20
 
 
@@ -45,7 +48,7 @@ def _cfg(config_file, variant, text_path, num_classes, device):
         cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
         cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     else:
-        cfg.MODEL.VILD.MODE = "vild" if variant == "vild" else "ensemble"
+        cfg.MODEL.VILD.MODE = "vild" if variant.startswith("vild") else "ensemble"
     return cfg
 
 
@@ -68,6 +71,7 @@ def _batch(cfg, num_images, size, num_gt, num_distill, num_classes, dim, seed=0)
         distill = Instances((size, size))
         distill.proposal_boxes = boxes(num_distill)
         distill.clip_embeddings = torch.nn.functional.normalize(torch.randn(num_distill, dim, generator=g), dim=-1)
+        distill.objectness = torch.rand(num_distill, generator=g)
         batch.append({"image": image, "height": size, "width": size, "instances": inst, "distill": distill})
     return batch
 
@@ -93,12 +97,17 @@ def _run_variant(args, variant, text_path):
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
+    train_model = model
+    if variant.endswith("_bf16"):
+        from vild_d2.engine.cpu_autocast import TrainingAutocast
+
+        train_model = TrainingAutocast(model).train()
     times = []
     with EventStorage():
         for it in range(args.warmup + args.iters):
             sync()
             t0 = time.perf_counter()
-            losses = model(batch)
+            losses = train_model(batch)
             optimizer.zero_grad()
             sum(losses.values()).backward()
             optimizer.step()
@@ -152,14 +161,14 @@ def main():
         rng = np.random.default_rng(0)
         np.save(text_path, rng.normal(size=(NUM_CLASSES, dim)).astype(np.float32))
         results = {}
-        for name in VARIANTS:
+        for name in VARIANTS + (CPU_BF16_VARIANTS if args.device == "cpu" else ()):
             out = subprocess.run(
                 [sys.executable, __file__, *sys.argv[1:], "--child", name, text_path],
                 check=True, stdout=subprocess.PIPE, text=True,
             ).stdout
             train_s, infer_s, peak = json.loads(out.strip().splitlines()[-1])
             results[name] = (train_s, infer_s, peak)
-            print(f"{name:9s} train {train_s:.3f} s/iter   inference {infer_s:.3f} s/batch   peak +{peak:.0f} MiB", flush=True)
+            print(f"{name:13s} train {train_s:.3f} s/iter   inference {infer_s:.3f} s/batch   peak +{peak:.0f} MiB", flush=True)
     stock = results["stock"]
     ratios = {
         "vild_over_stock": results["vild"][0] / stock[0],
@@ -169,6 +178,9 @@ def main():
         "memory_vild_over_stock": results["vild"][2] / max(stock[2], 1e-6),
         "memory_ensemble_over_stock": results["ensemble"][2] / max(stock[2], 1e-6),
     }
+    if args.device == "cpu":
+        ratios["cpu_bf16_train_vild_over_fp32"] = results["vild_bf16"][0] / results["vild"][0]
+        ratios["cpu_bf16_train_ensemble_over_fp32"] = results["ensemble_bf16"][0] / results["ensemble"][0]
     for k, v in ratios.items():
         print(f"{k:32s} {v:.3f}")
     if args.json:
