@@ -24,7 +24,6 @@ import hashlib
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -281,28 +280,6 @@ class RegionEncoder:
         total = ends[-1] if ends else 0
         dim = self.info.embed_dim
         out = torch.empty(total, dim, device=self.device)
-        batches = self._crop_batches(images, grown, ends, total)
-        # the next batch's crops are cut in a second thread while this one is encoded (roi_align
-        # releases the GIL; on a small encoder the crops cost as much as the encoding)
-        with ThreadPoolExecutor(max_workers=1) as cutter:
-            pending = cutter.submit(next, batches, None)
-            while True:
-                batch = pending.result()
-                if batch is None:
-                    break
-                pending = cutter.submit(next, batches, None)
-                start, stop, crops = batch
-                out[start:stop] = self.encode(crops).float()
-        result, first = [], 0
-        for g, end in zip(grown, ends):
-            emb = out[first:end].view(len(self.scales), len(g) // len(self.scales), dim)
-            emb = F.normalize(F.normalize(emb, dim=-1).sum(0), dim=-1)
-            result.append(emb.cpu().numpy().astype(np.float16))
-            first = end
-        return result
-
-    def _crop_batches(self, images, grown, ends, total):
-        """(start, stop, CLIP inputs) of crops ``start:stop`` in the global layout, batch by batch."""
         current, current_index = None, -1
         for start in range(0, total, self.batch_size):
             stop = min(start + self.batch_size, total)
@@ -317,7 +294,14 @@ class RegionEncoder:
                         current_index = i
                     pieces.append(crops_for_clip(current, grown[i][lo:hi], self.info))
                 i += 1
-            yield start, stop, torch.cat(pieces)
+            out[start:stop] = self.encode(torch.cat(pieces)).float()
+        result, first = [], 0
+        for g, end in zip(grown, ends):
+            emb = out[first:end].view(len(self.scales), len(g) // len(self.scales), dim)
+            emb = F.normalize(F.normalize(emb, dim=-1).sum(0), dim=-1)
+            result.append(emb.cpu().numpy().astype(np.float16))
+            first = end
+        return result
 
 
 # ---------------------------------------------------------------------------- the run
