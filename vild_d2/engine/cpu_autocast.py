@@ -19,4 +19,3 @@ class TrainingAutocast(nn.Module):
     def forward(self, *args, **kwargs):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.training):
             return self.module(*args, **kwargs)
-
