@@ -19,7 +19,7 @@ from vild_d2 import add_vild_config
 from vild_d2.data.distill_mapper import DistillDatasetMapper
 from vild_d2.data.embedding_cache import CacheError, EmbeddingCache
 from vild_d2.data.shapes_world import WorldConfig, ensure_world
-from vild_d2.engine.precompute import RegionEncoder, resolve_precision
+from vild_d2.engine.precompute import RegionEncoder, cast_for_precision, resolve_precision
 from vild_d2.teacher import clip_normalize, load_clip
 from vild_d2.teacher.crops import CropBank, fixed_crops
 from vild_d2.teacher.region_crops import crops_for_clip, expand_boxes
@@ -286,6 +286,25 @@ def test_bf16_encoder_matches_fp32_to_bf16_precision(tiny):
     a, b = fp32(images, boxes)[0].astype(np.float32), bf16(images, boxes)[0].astype(np.float32)
     assert (a * b).sum(1).min() > 0.999  # cosine of unit vectors
     assert not np.array_equal(a, b)  # bf16 did run
+
+
+@pytest.mark.parametrize("tower", ["resnet", "vit"])
+def test_fp16_cast_is_clips_own_and_runs(tower):
+    # CLIP's LayerNorm computes in float32: a model made half() whole fails on a ViT
+    # ("expected scalar type Float but found Half" on CUDA); the norms must stay float32
+    torch.manual_seed(0)
+    layers, width, patch = ((1, 1, 1, 1), 8, None) if tower == "resnet" else (2, 64, 16)
+    model = CLIP(64, 64, layers, width, patch, 77, 49408, 64, 1, 1).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model.encode_image(x)
+        half = cast_for_precision(model, "fp16")
+        assert half.dtype == torch.float16
+        norms = [m for m in half.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d))]
+        assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())
+        out = half.encode_image(x.half())
+    assert out.dtype == torch.float16
+    assert F.cosine_similarity(out.float(), reference, dim=1).min() > 0.999
 
 
 def test_precision_resolution():

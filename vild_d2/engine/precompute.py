@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from clip.model import ModifiedResNet
+from clip.model import ModifiedResNet, convert_weights
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
@@ -50,6 +50,7 @@ __all__ = [
     "ImageReader",
     "PrecomputeOptions",
     "RegionEncoder",
+    "cast_for_precision",
     "resolve_precision",
     "load_images_list",
     "run_precompute",
@@ -229,10 +230,20 @@ def resolve_precision(precision: str, device) -> str:
     return precision
 
 
+def cast_for_precision(model, precision: str):
+    """``model`` in float32, or for fp16 the way CLIP's own loader makes it: convolutions, linear
+    layers, attention and projections in float16, layer and batch norms in float32 (CLIP's
+    LayerNorm computes in float32 and needs float32 weights)."""
+    model = model.float()
+    if precision == "fp16":
+        convert_weights(model)
+    return model
+
+
 class RegionEncoder:
     """CLIP embeddings of boxes: crops on tensors, encoded ``batch_size`` crops at a time, per-scale
     L2 norm, sum over scales, L2 norm. Takes over ``model``: it is moved to ``device`` in place (and
-    made fp16 for ``precision`` fp16; bf16 runs an fp32 model under autocast)."""
+    cast by ``cast_for_precision`` for ``precision`` fp16; bf16 runs an fp32 model under autocast)."""
 
     def __init__(
         self,
@@ -247,7 +258,7 @@ class RegionEncoder:
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
         self.half = self.precision == "fp16"
-        self.model = (model.half() if self.half else model.float()).to(self.device).eval()
+        self.model = cast_for_precision(model, self.precision).to(self.device).eval()
         # A ResNet tower runs its convolutions faster on NHWC inputs (CPU and tensor cores).
         self.channels_last = isinstance(self.model.visual, ModifiedResNet)
         if self.channels_last:
