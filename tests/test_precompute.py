@@ -300,7 +300,8 @@ def test_fp16_cast_is_clips_own_and_runs(tower):
         reference = model.encode_image(x)
         half = cast_for_precision(model, "fp16")
         assert half.dtype == torch.float16
-        norms = [m for m in half.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d))]
+        norm_types = (torch.nn.LayerNorm, torch.nn.BatchNorm2d)
+        norms = [m for m in half.modules() if isinstance(m, norm_types)]
         assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())
         out = half.encode_image(x.half())
     assert out.dtype == torch.float16

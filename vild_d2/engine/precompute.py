@@ -242,8 +242,8 @@ def cast_for_precision(model, precision: str):
 
 class RegionEncoder:
     """CLIP embeddings of boxes: crops on tensors, encoded ``batch_size`` crops at a time, per-scale
-    L2 norm, sum over scales, L2 norm. Takes over ``model``: it is moved to ``device`` in place (and
-    cast by ``cast_for_precision`` for ``precision`` fp16; bf16 runs an fp32 model under autocast)."""
+    L2 norm, sum over scales, L2 norm. Takes over ``model``: it is moved to ``device`` in place
+    (and cast by ``cast_for_precision`` for fp16; bf16 runs an fp32 model under autocast)."""
 
     def __init__(
         self,
