@@ -122,7 +122,9 @@ def _naive(encoder, info, dicts, boxes, device, limit):
 def _pipeline(encoder, dicts, boxes, device, num_workers):
     _sync(device)
     start = time.perf_counter()
-    images = [item["rgb"] for item in image_loader(dicts, ImageReader(), num_workers)]
+    # pinned on CUDA, as the tool loads them, so that their copies to the device do not block
+    loader = image_loader(dicts, ImageReader(), num_workers, pin=device.type == "cuda")
+    images = [item["rgb"] for item in loader]
     encoder(images, boxes)
     _sync(device)
     return sum(len(b) for b in boxes) * len(SCALES) / (time.perf_counter() - start)

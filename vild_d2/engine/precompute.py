@@ -286,8 +286,14 @@ class RegionEncoder:
         Crops are laid out image by image (scale-major within an image) and encoded in batches that
         may span images, so a batch is full whatever the number of boxes per image.
         """
+        if not images:
+            return []
         grown = [grow_boxes(b, self.scales, tuple(im.shape[1:])) for im, b in zip(images, boxes)]
-        ends = np.cumsum([len(g) for g in grown]).tolist()
+        sizes = [len(g) for g in grown]
+        # all boxes go to the device in one copy: a copy from pageable memory waits for the device
+        # to finish its queue, which per batch would stall the encoding (images come pinned)
+        grown = list(torch.cat(grown).to(self.device).split(sizes))
+        ends = np.cumsum(sizes).tolist()
         total = ends[-1] if ends else 0
         dim = self.info.embed_dim
         out = torch.empty(total, dim, device=self.device)
