@@ -289,3 +289,32 @@ def test_objectness_weight_scales_test_scores(tmp_path, mode):
         assert torch.isclose(ratios, objectness.pow(2)).any()
     with pytest.raises(ValueError, match="OBJECTNESS_WEIGHT"):
         detections(-1.0)
+
+
+@pytest.mark.parametrize("mode,head", [("image", "ensemble"), ("ensemble", "image"),
+                                       ("ensemble", "text"), ("vild", "ensemble")])
+def test_image_temperature_rescales_the_distilled_head_alone(tmp_path, mode, head):
+    shape = {"p2": ShapeSpec(channels=8, stride=4)}
+    features, proposals, _, _ = _roi_inputs()
+    base = _roi_cfg(tmp_path, mode)  # one draw of the random class embeddings
+
+    def scores(temperature, image_temperature):
+        cfg = base.clone()
+        cfg.MODEL.VILD.ENSEMBLE_TEST_HEAD = head
+        cfg.MODEL.VILD.TEMPERATURE = temperature
+        cfg.MODEL.VILD.IMAGE_TEMPERATURE = image_temperature
+        torch.manual_seed(0)
+        heads = build_roi_heads(cfg, shape).eval()
+        with torch.no_grad():
+            out, _ = heads(None, features, [p[:] for p in proposals])
+        return out[0].scores.sort().values
+
+    rescaled = scores(0.01, 0.05)
+    if (mode, head) in (("image", "ensemble"), ("ensemble", "image")):
+        # the distilled head read alone at 0.05 is the model built with a temperature of 0.05
+        assert torch.allclose(rescaled, scores(0.05, 0.0), atol=1e-6)
+        assert not torch.allclose(rescaled[:5], scores(0.01, 0.0)[:5])
+    else:  # heads trained with the classification loss keep their temperature
+        assert torch.equal(rescaled, scores(0.01, 0.0))
+    with pytest.raises(ValueError, match="IMAGE_TEMPERATURE"):
+        scores(0.01, -1.0)

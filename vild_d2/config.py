@@ -36,6 +36,12 @@ def add_vild_config(cfg):
     # Which head scores test detections of a ViLD-ensemble model: "ensemble" (both, combined),
     # "text" or "image" (one head read alone, e.g. to report ViLD-text/ViLD-image from one run).
     _C.MODEL.VILD.ENSEMBLE_TEST_HEAD = "ensemble"
+    # Softmax temperature of class scores from embeddings that only imitate CLIP's image encoder
+    # (never trained with the classification loss): the distilled image head (ViLD-ensemble's,
+    # MODE "image") and CLIP on crops. 0 = TEMPERATURE. The paper uses 0.01 for every head, which
+    # is real CLIP's own (logit scale 100); a CLIP model with another logit scale s calibrates its
+    # probabilities at 1 / s.
+    _C.MODEL.VILD.IMAGE_TEMPERATURE = 0.0
     # Label assignment of proposals to ground truth: "iou" (detectron2's matcher) or "iot"
     # (intersection over the ground-truth box's area, the original document's rule).
     _C.MODEL.VILD.LABEL_ASSIGNMENT = "iou"

@@ -2,8 +2,8 @@
 
 Stage-1 proposals of each test image are cropped at every crop scale (1x and 1.5x), embedded by
 the CLIP image encoder (the per-scale embeddings summed and normalised, exactly as for the
-distillation cache), classified against the class text embeddings with a softmax at the ViLD
-temperature, and scored p(class) x objectness; per-class NMS as in Fast R-CNN. One encoder pass
+distillation cache), classified against the class text embeddings with a softmax at
+MODEL.VILD.IMAGE_TEMPERATURE (0: MODEL.VILD.TEMPERATURE), and scored p(class) x objectness; per-class NMS as in Fast R-CNN. One encoder pass
 per proposal: the cost ViLD's single forward pass removes.
 """
 from typing import List, Sequence
@@ -75,7 +75,8 @@ def build_clip_on_crops(cfg, stage1_weights: str, class_names: Sequence[str]) ->
                             device=cfg.MODEL.DEVICE, precision=d.PRECISION)
     return CLIPOnCropsDetector(
         build_stage1_model(s1), encoder, class_embeddings(cfg, class_names),
-        temperature=cfg.MODEL.VILD.TEMPERATURE, num_proposals=d.NUM_PROPOSALS,
+        temperature=cfg.MODEL.VILD.IMAGE_TEMPERATURE or cfg.MODEL.VILD.TEMPERATURE,
+        num_proposals=d.NUM_PROPOSALS,
         min_box_size=d.MIN_BOX_SIZE, score_thresh=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
         nms_thresh=cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST, topk=cfg.TEST.DETECTIONS_PER_IMAGE,
     )

@@ -51,6 +51,7 @@ class ViLDROIHeads(StandardROIHeads):
         ensemble_test_head: str = "ensemble",
         unlabelled_objectness: float = 0.0,
         objectness_weight: float = 0.0,
+        image_temperature: float = 0.0,
         **kwargs,
     ):
         """
@@ -69,6 +70,8 @@ class ViLDROIHeads(StandardROIHeads):
                 classification loss. 0 disables.
             objectness_weight: test scores are class probabilities times the proposal's
                 objectness probability to this power; 0 (the paper) leaves them as they are.
+            image_temperature: softmax temperature of the distilled image head's test scores
+                (the ensemble's image head, mode "image"); 0 keeps the predictor's.
             kwargs: StandardROIHeads' arguments; box_predictor must be a ViLDTextPredictor.
         """
         super().__init__(**kwargs)
@@ -89,6 +92,9 @@ class ViLDROIHeads(StandardROIHeads):
         if objectness_weight < 0:
             raise ValueError(f"MODEL.VILD.OBJECTNESS_WEIGHT must be >= 0, got {objectness_weight}")
         self.objectness_weight = objectness_weight
+        if image_temperature < 0:
+            raise ValueError(f"MODEL.VILD.IMAGE_TEMPERATURE must be >= 0, got {image_temperature}")
+        self.image_temperature = image_temperature
         self.label_assignment = label_assignment
         self.iot_matcher = Matcher([iot_threshold], [0, 1], allow_low_quality_matches=False)
         if mode == "ensemble":
@@ -123,6 +129,7 @@ class ViLDROIHeads(StandardROIHeads):
             ensemble_test_head=vild.ENSEMBLE_TEST_HEAD,
             unlabelled_objectness=vild.UNLABELLED_OBJECTNESS,
             objectness_weight=vild.OBJECTNESS_WEIGHT,
+            image_temperature=vild.IMAGE_TEMPERATURE,
         )
         if vild.MODE == "ensemble":
             ret["image_box_head"] = build_box_head(cfg, _pooled_shape(cfg, input_shape))
@@ -220,14 +227,22 @@ class ViLDROIHeads(StandardROIHeads):
             return sum(p.sum() for p in params) * 0.0
         return box_feats.sum() * 0.0
 
+    def _image_head_logits(self, logits):
+        """The distilled head's logits at ``image_temperature`` instead of the predictor's."""
+        if self.image_temperature == 0:
+            return logits
+        return logits * (self.box_predictor.temperature / self.image_temperature)
+
     def _inference(self, features, pooled, proposals):
         predictor = self.box_predictor
         logits, deltas = predictor(self.box_head(pooled))
-        if self.mode != "ensemble" or self.ensemble_test_head == "text":
+        if self.mode == "image":
+            probs = self._image_head_logits(logits).softmax(dim=-1)
+        elif self.mode != "ensemble" or self.ensemble_test_head == "text":
             probs = logits.softmax(dim=-1)
         else:
             image_region = predictor.region_embeddings(self.image_box_head(pooled), self.image_projection)
-            image_logits = predictor.classify(image_region)
+            image_logits = self._image_head_logits(predictor.classify(image_region))
             if self.ensemble_test_head == "image":
                 probs = image_logits.softmax(dim=-1)
             else:
