@@ -21,12 +21,13 @@ import logging
 import os
 
 import torch
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import vild_d2  # noqa: F401  (registers datasets)
 from vild_d2.engine.trainer import load_cfg
+from vild_d2.engine.launch import launch
 from vild_d2.engine.precompute import PrecomputeOptions, run_precompute
 
 logger = logging.getLogger("vild_d2")

@@ -7,10 +7,11 @@
 """
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 
 import vild_d2  # noqa: F401  (registers datasets, heads and the meta-architecture)
 from vild_d2.engine import ViLDTrainer, setup_cfg
+from vild_d2.engine.launch import launch
 
 
 def main(args):
