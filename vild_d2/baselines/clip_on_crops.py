@@ -3,8 +3,9 @@
 Stage-1 proposals of each test image are cropped at every crop scale (1x and 1.5x), embedded by
 the CLIP image encoder (the per-scale embeddings summed and normalised, exactly as for the
 distillation cache), classified against the class text embeddings with a softmax at
-MODEL.VILD.IMAGE_TEMPERATURE (0: MODEL.VILD.TEMPERATURE), and scored p(class) x objectness; per-class NMS as in Fast R-CNN. One encoder pass
-per proposal: the cost ViLD's single forward pass removes.
+MODEL.VILD.IMAGE_TEMPERATURE (0: MODEL.VILD.TEMPERATURE), and scored p(class) x objectness;
+per-class NMS as in Fast R-CNN. One encoder pass per proposal: the cost ViLD's single forward
+pass removes.
 """
 from typing import List, Sequence
 
@@ -31,6 +32,11 @@ class CLIPOnCropsDetector(nn.Module):
         self.stage1 = stage1_model
         self.encoder = encoder
         self.register_buffer("text", nn.functional.normalize(text_embeddings.float(), dim=-1), persistent=False)
+        if temperature <= 0:
+            raise ValueError(
+                f"the softmax temperature must be > 0, got {temperature}; set "
+                "MODEL.VILD.IMAGE_TEMPERATURE (or, when it is 0, MODEL.VILD.TEMPERATURE)"
+            )
         self.temperature = temperature
         self.num_proposals = num_proposals
         self.min_box_size = min_box_size
