@@ -294,7 +294,7 @@ class RegionEncoder:
         # to finish its queue, which per batch would stall the encoding (images come pinned)
         grown = list(torch.cat(grown).to(self.device).split(sizes))
         ends = np.cumsum(sizes).tolist()
-        total = ends[-1] if ends else 0
+        total = ends[-1]
         dim = self.info.embed_dim
         out = torch.empty(total, dim, device=self.device)
         current, current_index = None, -1
