@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch.distributed as dist
 
@@ -29,3 +32,22 @@ def test_the_process_group_is_closed_when_the_work_fails():
 def test_without_a_process_group_nothing_is_closed():
     assert not dist.is_initialized()
     assert _close_after(lambda: "done") == "done"
+
+
+def test_a_spawned_worker_ends_after_its_work_with_its_output_flushed():
+    code = (
+        "import sys; from vild_d2.engine.launch import _end_worker_after; "
+        "_end_worker_after(lambda: sys.stdout.write('work done')); print('not reached')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "work done")
+
+
+def test_a_failing_worker_raises_as_before():
+    code = (
+        "from vild_d2.engine.launch import _end_worker_after\n"
+        "def fail():\n    raise RuntimeError('work failed')\n"
+        "_end_worker_after(fail)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "RuntimeError: work failed" in done.stderr
