@@ -11,7 +11,14 @@ from vild_d2.data.cache_writer import CacheWriter, make_chunks
 from vild_d2.data.embedding_cache import CacheEntry, CacheError, EmbeddingCache, write_cache
 from vild_d2.engine.precompute import select_proposals
 from vild_d2.teacher.loader import CLIP_MEAN, CLIP_STD, ClipInfo, clip_normalize
-from vild_d2.teacher.region_crops import crop_regions, crops_for_clip, expand_boxes, grow_boxes
+from vild_d2.teacher.region_crops import (
+    clip_boxes_to_image,
+    crop_regions,
+    crop_regions_batch,
+    crops_for_clip,
+    expand_boxes,
+    grow_boxes,
+)
 
 
 def _info(resolution):
@@ -132,3 +139,84 @@ def test_parts_of_another_key_are_not_mixed_in(tmp_path):
         CacheError, match="clip_fingerprint='aaa', but this run asks for clip_fingerprint='bbb'"
     ):
         CacheWriter(str(tmp_path), {"clip_fingerprint": "bbb"}).prepare()
+
+
+def _box_filter_weights(lo, hi, size, extent):
+    """[size, extent]: each row the overlap of one bin of [lo, hi] with every pixel, over the bin's
+    length (the mean over the bin of pixels taken as constant squares)."""
+    edges = np.linspace(lo, hi, size + 1)
+    pixels = np.arange(extent)
+    overlap = np.minimum(edges[1:, None], pixels + 1) - np.maximum(edges[:-1, None], pixels)
+    return np.clip(overlap, 0, None) / np.diff(edges)[:, None]
+
+
+def _bilinear_weights(lo, hi, size, extent):
+    """[size, extent]: bilinear sampling at the bin centres, pixel centres at i + 0.5, clamped."""
+    centres = lo + (np.arange(size) + 0.5) * (hi - lo) / size - 0.5
+    centres = np.clip(centres, 0, extent - 1)
+    low = np.floor(centres).astype(int)
+    high = np.minimum(low + 1, extent - 1)
+    w = np.zeros((size, extent))
+    w[np.arange(size), low] += 1 - (centres - low)
+    w[np.arange(size), high] += centres - low
+    return w
+
+
+def test_shrunk_axes_are_box_filtered_and_enlarged_ones_bilinear():
+    image = _image().double()
+    # x: 45 px into 10 bins of 4.5 px (box filter); y: 6 px into 10 bins (bilinear)
+    x0, y0, x1, y1 = 0.5, 31.3, 45.5, 37.3
+    crop = crop_regions(image.float(), torch.tensor([[x0, y0, x1, y1]]), 10)[0].double()
+    ax = _box_filter_weights(x0, x1, 10, 60)
+    ay = _bilinear_weights(y0, y1, 10, 40)
+    want = np.einsum("iy,cyx,jx->cij", ay, image.numpy(), ax)
+    np.testing.assert_allclose(crop.numpy(), want, rtol=0, atol=1e-3)
+    # both axes shrunk: the bin means of a box with fractional corners
+    box = (3.25, 1.5, 58.0, 39.75)
+    crop = crop_regions(image.float(), torch.tensor([box]), 7)[0].double()
+    want = np.einsum(
+        "iy,cyx,jx->cij",
+        _box_filter_weights(box[1], box[3], 7, 40),
+        image.numpy(),
+        _box_filter_weights(box[0], box[2], 7, 60),
+    )
+    np.testing.assert_allclose(crop.numpy(), want, rtol=0, atol=1e-3)
+
+
+def test_small_boxes_crop_as_roi_align_does():
+    from torchvision.ops import roi_align
+
+    image = _image().float()
+    boxes = torch.tensor([[0.0, 0.0, 12.0, 9.5], [44.2, 30.7, 60.0, 40.0], [10.0, 3.0, 26.0, 19.0]])
+    assert ((boxes[:, 2:] - boxes[:, :2]) <= 16).all()
+    want = roi_align(image[None], torch.cat([torch.zeros(3, 1), boxes], 1), (16, 16), 1.0, 0, True)
+    # to roi_align's float32 arithmetic
+    torch.testing.assert_close(crop_regions(image, boxes, 16), want, rtol=0, atol=1e-3)
+
+
+def test_a_batch_of_images_of_different_sizes_crops_as_each_alone():
+    g = torch.Generator().manual_seed(2)
+    sizes = [(40, 60), (70, 30), (25, 25)]
+    images = [torch.rand(3, h, w, generator=g) * 255 for h, w in sizes]
+    boxes = []
+    for h, w in sizes:
+        xy = torch.rand(9, 2, generator=g) * torch.tensor([w - 3.0, h - 3.0])
+        wh = torch.rand(9, 2, generator=g) * torch.tensor([float(w), float(h)]) + 2
+        # boxes reaching the right and bottom edges too, where a neighbour in the batch begins
+        b = torch.cat([xy, xy + wh], 1)
+        b[-2:, 2:] = torch.tensor([float(w), float(h)])
+        boxes.append(clip_boxes_to_image(b, (h, w)))
+    alone = torch.cat([crop_regions(im, b, 12) for im, b in zip(images, boxes)])
+    together = crop_regions_batch(images, boxes, 12)
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-4)
+    nhwc = torch.empty(len(alone), 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    crop_regions_batch(images, boxes, 12, out=nhwc)
+    torch.testing.assert_close(nhwc, alone, rtol=0, atol=1e-4)
+
+
+def test_box_filter_keeps_one_pixels_precision_in_a_large_image():
+    # cumulative sums reach 255 * 3000 * 3000; in float32 a bin mean here would be off by tens
+    image = torch.full((3, 3000, 3000), 255.0)
+    image[:, 2990:, 2990:] = 7.0
+    crop = crop_regions(image, torch.tensor([[2990.0, 2990.25, 2999.5, 3000.0]]), 4)
+    torch.testing.assert_close(crop, torch.full_like(crop, 7.0), rtol=0, atol=1e-6)

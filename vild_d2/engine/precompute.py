@@ -44,7 +44,12 @@ from tqdm import tqdm
 from ..data.cache_writer import CacheWriter, Chunk, key_hash, make_chunks
 from ..data.embedding_cache import CacheEntry, CacheError
 from ..teacher.loader import ClipInfo, load_clip
-from ..teacher.region_crops import crops_for_clip, grow_boxes
+from ..teacher.region_crops import (
+    CROP_RESAMPLING,
+    crop_regions_batch,
+    grow_boxes,
+    normalize_for_clip,
+)
 
 __all__ = [
     "ImageReader",
@@ -297,21 +302,27 @@ class RegionEncoder:
         total = ends[-1]
         dim = self.info.embed_dim
         out = torch.empty(total, dim, device=self.device)
-        current, current_index = None, -1
+        r = self.info.input_resolution
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        last = (-1, None)  # the last image normalised, which the next batch may share
         for start in range(0, total, self.batch_size):
             stop = min(start + self.batch_size, total)
-            pieces = []
+            pieces, piece_boxes = [], []
             i = int(np.searchsorted(ends, start, side="right"))
             while i < len(ends) and (ends[i] - len(grown[i])) < stop:
                 first = ends[i] - len(grown[i])
                 lo, hi = max(start, first) - first, min(stop, ends[i]) - first
                 if hi > lo:
-                    if i != current_index:
-                        current = images[i].to(self.device, non_blocking=True).float()
-                        current_index = i
-                    pieces.append(crops_for_clip(current, grown[i][lo:hi], self.info))
+                    if last[0] != i:
+                        image = images[i].to(self.device, non_blocking=True)
+                        last = (i, normalize_for_clip(image, self.info))
+                    pieces.append(last[1])
+                    piece_boxes.append(grown[i][lo:hi])
                 i += 1
-            out[start:stop] = self.encode(torch.cat(pieces)).float()
+            # crops are cut straight into the batch, in the layout the encoder runs in
+            batch = torch.empty(stop - start, 3, r, r, device=self.device, memory_format=layout)
+            crop_regions_batch(pieces, piece_boxes, r, out=batch)
+            out[start:stop] = self.encode(batch).float()
         result, first = [], 0
         for g, end in zip(grown, ends):
             emb = out[first:end].view(len(self.scales), len(g) // len(self.scales), dim)
@@ -359,6 +370,7 @@ def cache_key(cfg, opts: PrecomputeOptions, image_ids: Sequence[str], info: Clip
         "min_box_size": float(opts.min_box_size),
         "ensemble_crops": bool(opts.ensemble_crops),
         "precision": resolve_precision(opts.precision, cfg.MODEL.DEVICE),
+        "crop_resampling": CROP_RESAMPLING,
     }
 
 
