@@ -6,9 +6,8 @@ boxes (each box at scales 1x and 1.5x):
             encode_image in CLIP's own precision (fp32 on the CPU, fp16 on CUDA, as clip.load
             gives it; measured on the first --naive-crops crops);
   pipeline  tools/precompute_clip_embeddings.py's path from image files + boxes to embeddings:
-            images decoded once, crops on tensors (vild_d2.teacher.region_crops), batched encode in
-            --precision
-            (auto: bf16 on a CPU with bfloat16 units), scale ensemble;
+            images decoded once, crops on tensors (vild_d2.teacher.region_crops), batched encode
+            in --precision (auto: bf16 on a CPU with bfloat16 units), scale ensemble;
   encoder   encode_image alone on ready-made batches of the same size, in the same precision.
 
 Models: "teacher" (the embedded world's CLIP teacher; a random-weight model of its architecture
