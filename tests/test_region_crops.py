@@ -220,3 +220,15 @@ def test_box_filter_keeps_one_pixels_precision_in_a_large_image():
     image[:, 2990:, 2990:] = 7.0
     crop = crop_regions(image, torch.tensor([[2990.0, 2990.25, 2999.5, 3000.0]]), 4)
     torch.testing.assert_close(crop, torch.full_like(crop, 7.0), rtol=0, atol=1e-6)
+
+
+def test_crops_cut_in_several_calls_equal_crops_cut_in_one(monkeypatch):
+    import vild_d2.teacher.region_crops as region_crops
+
+    g = torch.Generator().manual_seed(3)
+    images = [torch.rand(3, 50, 40, generator=g), torch.rand(3, 30, 70, generator=g)]
+    boxes = [torch.tensor([[0.0, 0, 40, 50], [5, 5, 9, 9], [1, 2, 39, 6]]),
+             torch.tensor([[3.0, 1, 69, 29], [0, 0, 7, 30], [10, 10, 20, 20], [2, 2, 60, 12]])]
+    one_call = crop_regions_batch(images, boxes, 8)
+    monkeypatch.setattr(region_crops, "MAX_SAMPLES_PER_CALL", 100)  # one crop per call
+    assert torch.equal(crop_regions_batch(images, boxes, 8), one_call)

@@ -29,6 +29,7 @@ from .loader import ClipInfo, clip_normalize
 
 # recorded in the embedding cache's key: a cache cut another way is computed again
 CROP_RESAMPLING = "box filter on shrunk axes, bilinear on enlarged axes"
+MAX_SAMPLES_PER_CALL = 1 << 21  # sample points per grid_sample call (memory, not results)
 
 __all__ = [
     "CROP_RESAMPLING",
@@ -127,37 +128,42 @@ def crop_regions_batch(
         table = tables[c]
         n, _, th, tw = table.shape
         atlas = table.permute(1, 2, 0, 3).reshape(1, channels, th, n * tw)
-        index = (case == c).nonzero()[:, 0]
-        bc = b[index]
-        # pixel index in the atlas: +1 for the border (an edge x of the image is column x + 1 of
-        # its cumulative table, a pixel centre x - 0.5 is column x + 0.5 of the padded image),
-        # + the image's offset; then grid_sample's normalised coordinates (align_corners=False)
-        x = _axis_grid(bc[:, 0], bc[:, 2], size, area_x) + 1 + (which[index] * tw)[:, None]
-        y = _axis_grid(bc[:, 1], bc[:, 3], size, area_y) + 1
-        grid = bc.new_empty(len(bc), y.shape[1], x.shape[1], 2)
-        grid[..., 0] = ((2 * x + 1) / (n * tw) - 1)[:, None, :]
-        grid[..., 1] = ((2 * y + 1) / th - 1)[:, :, None]
-        samples = F.grid_sample(
-            atlas,
-            grid.view(1, -1, x.shape[1], 2),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        ).view(channels, len(bc), y.shape[1], x.shape[1])
-        # differences of the cumulative sums in float64, then the means in the output's dtype
-        if area_x:
-            samples = samples.diff(dim=3)
-        if area_y:
-            samples = samples.diff(dim=2)
-        # in out's dtype and memory layout before the scatter, which is slow across layouts
-        crops = torch.empty(
-            len(bc), channels, size, size, device=device, dtype=out.dtype, memory_format=layout
-        ).copy_(samples.transpose(0, 1))
-        if area_x or area_y:
-            wh = (bc[:, 2:] - bc[:, :2]) / size
-            bin_area = (wh[:, 0] if area_x else 1) * (wh[:, 1] if area_y else 1)
-            crops.mul_((1 / bin_area).to(out.dtype).view(-1, 1, 1, 1))
-        out[index] = crops
+        # at most MAX_SAMPLES_PER_CALL lattice points per call: a batch of 224 px crops would
+        # otherwise hold about 4 MB of float64 temporaries per crop at once
+        per_call = max(1, MAX_SAMPLES_PER_CALL // ((size + 1) ** 2))
+        for index in (case == c).nonzero()[:, 0].split(per_call):
+            bc = b[index]
+            # pixel index in the atlas: +1 for the border (an edge x of the image is column x + 1
+            # of its cumulative table, a pixel centre x - 0.5 is column x + 0.5 of the padded
+            # image), + the image's offset; then grid_sample's normalised coordinates
+            # (align_corners=False)
+            x = _axis_grid(bc[:, 0], bc[:, 2], size, area_x) + 1 + (which[index] * tw)[:, None]
+            y = _axis_grid(bc[:, 1], bc[:, 3], size, area_y) + 1
+            grid = bc.new_empty(len(bc), y.shape[1], x.shape[1], 2)
+            grid[..., 0] = ((2 * x + 1) / (n * tw) - 1)[:, None, :]
+            grid[..., 1] = ((2 * y + 1) / th - 1)[:, :, None]
+            samples = F.grid_sample(
+                atlas,
+                grid.view(1, -1, x.shape[1], 2),
+                mode="bilinear",
+                padding_mode="border",
+                align_corners=False,
+            ).view(channels, len(bc), y.shape[1], x.shape[1])
+            # differences of the cumulative sums in float64, then the means in out's dtype
+            if area_x:
+                samples = samples.diff(dim=3)
+            if area_y:
+                samples = samples.diff(dim=2)
+            # in out's dtype and memory layout before the scatter, which is slow across layouts
+            crops = torch.empty(
+                len(bc), channels, size, size, device=device, dtype=out.dtype,
+                memory_format=layout,
+            ).copy_(samples.transpose(0, 1))
+            if area_x or area_y:
+                wh = (bc[:, 2:] - bc[:, :2]) / size
+                bin_area = (wh[:, 0] if area_x else 1) * (wh[:, 1] if area_y else 1)
+                crops.mul_((1 / bin_area).to(out.dtype).view(-1, 1, 1, 1))
+            out[index] = crops
     return out
 
 
