@@ -51,3 +51,16 @@ def test_a_failing_worker_raises_as_before():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "RuntimeError: work failed" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "gpus, machines, worker",
+    [(1, 1, "_close_after"), (2, 1, "_end_worker_after"), (1, 2, "_end_worker_after")],
+)
+def test_launch_ends_the_workers_of_multi_process_runs_only(monkeypatch, gpus, machines, worker):
+    import vild_d2.engine.launch as launch_module
+
+    calls = []
+    monkeypatch.setattr(launch_module, "d2_launch", lambda fn, *a: calls.append(fn))
+    launch_module.launch(print, gpus, num_machines=machines)
+    assert calls[0].func.__name__ == worker and calls[0].args == (print,)

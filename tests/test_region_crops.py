@@ -232,3 +232,23 @@ def test_crops_cut_in_several_calls_equal_crops_cut_in_one(monkeypatch):
     one_call = crop_regions_batch(images, boxes, 8)
     monkeypatch.setattr(region_crops, "MAX_SAMPLES_PER_CALL", 100)  # one crop per call
     assert torch.equal(crop_regions_batch(images, boxes, 8), one_call)
+
+
+def test_images_cut_in_groups_equal_images_cut_in_one_atlas(monkeypatch):
+    import vild_d2.teacher.region_crops as region_crops
+
+    g = torch.Generator().manual_seed(4)
+    images = [torch.rand(3, h, w, generator=g) for h, w in ((50, 40), (30, 70), (20, 20), (60, 60))]
+    boxes = [torch.tensor([[0.0, 0, w, h], [1, 2, w / 2, h - 1]]) for _, h, w in
+             (im.shape for im in images)]
+    one_atlas = crop_regions_batch(images, boxes, 8)
+    monkeypatch.setattr(region_crops, "MAX_ATLAS_PIXELS", 5000)  # about two images per group
+    torch.testing.assert_close(crop_regions_batch(images, boxes, 8), one_atlas, rtol=0, atol=1e-6)
+
+
+def test_a_float16_image_is_box_filtered_without_overflow():
+    # the bin sums (200 x 150 x 150) exceed float16's range; the means do not
+    image = torch.full((3, 300, 300), 200.0, dtype=torch.float16)
+    crop = crop_regions(image, torch.tensor([[0.0, 0, 300, 300]]), 2)
+    assert crop.dtype == torch.float16
+    torch.testing.assert_close(crop, torch.full_like(crop, 200.0))

@@ -4,6 +4,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 
 import torch.distributed as dist
 from detectron2.engine import launch as d2_launch
@@ -24,12 +25,16 @@ def _close_after(main_func, *args):
 
 
 def _end_worker_after(main_func, *args):
-    """One of several spawned workers: its work, then its end with streams flushed but without the
-    interpreter's teardown. Even with the process group destroyed, rank 0's C++ static destructors
-    still met a joinable thread at exit in about one two-process run in eight, aborting a run whose
-    work was all done and written. A worker's return value goes nowhere; an exception propagates
-    to ``torch.multiprocessing``, which reports it as before."""
+    """One of several spawned workers: its work, then its end with its threads joined and streams
+    flushed but without the interpreter's teardown (``atexit`` handlers do not run). Even with the
+    process group destroyed, rank 0's C++ static destructors still met a joinable thread at exit
+    in about one two-process run in eight, aborting a run whose work was all done and written. A
+    worker's return value goes nowhere; an exception propagates to ``torch.multiprocessing``,
+    which reports it as before."""
     _close_after(main_func, *args)
+    for thread in threading.enumerate():  # what the interpreter would wait for at exit
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -30,6 +30,7 @@ from .loader import ClipInfo, clip_normalize
 # recorded in the embedding cache's key: a cache cut another way is computed again
 CROP_RESAMPLING = "box filter on shrunk axes, bilinear on enlarged axes"
 MAX_SAMPLES_PER_CALL = 1 << 21  # sample points per grid_sample call (memory, not results)
+MAX_ATLAS_PIXELS = 1 << 22  # pixels of the images cut in one atlas (memory, not results)
 
 __all__ = [
     "CROP_RESAMPLING",
@@ -80,7 +81,9 @@ def crop_regions_batch(
 
     The images sit side by side in one atlas, each with a one-pixel border that repeats its edge
     (so bilinear samples need no clamping and never reach a neighbour), and every table is sampled
-    with one ``grid_sample`` call for the crops of all images.
+    with one ``grid_sample`` call for the crops of all images. Memory sets two limits, which change
+    results by rounding at most: an atlas holds at most ``MAX_ATLAS_PIXELS`` pixels (more images
+    are cut in groups) and a call samples at most ``MAX_SAMPLES_PER_CALL`` points.
     """
     for image in images:
         if image.dim() != 3 or not image.is_floating_point():
@@ -94,10 +97,23 @@ def crop_regions_batch(
         out = torch.empty(sum(counts), channels, size, size, device=device, dtype=dtype)
     if not sum(counts):
         return out
-    nhwc = out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
-    layout = torch.channels_last if nhwc else torch.contiguous_format
     height = max(im.shape[1] for im in images)
     width = max(im.shape[2] for im in images)
+    if len(images) > 1 and len(images) * (height + 2) * (width + 2) > MAX_ATLAS_PIXELS:
+        # four float64 tables of the padded atlas would be held at once: cut in groups of images
+        first, start = 0, 0
+        for i in range(1, len(images) + 1):
+            group = images[first : i + 1]
+            h = max(im.shape[1] for im in group) + 2
+            w = max(im.shape[2] for im in group) + 2
+            if i == len(images) or len(group) * h * w > MAX_ATLAS_PIXELS:
+                stop = start + sum(counts[first:i])
+                crop_regions_batch(images[first:i], boxes[first:i], size, out[start:stop])
+                first, start = i, stop
+        return out
+    nhwc = out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    work_dtype = torch.float32 if out.dtype in (torch.float16, torch.bfloat16) else out.dtype
     # float64: float32 grid coordinates are off by ~1e-6 pixel, and cumulative sums of a large
     # image would lose the precision of one pixel's value
     padded = torch.stack(
@@ -154,16 +170,17 @@ def crop_regions_batch(
                 samples = samples.diff(dim=3)
             if area_y:
                 samples = samples.diff(dim=2)
-            # in out's dtype and memory layout before the scatter, which is slow across layouts
+            # in out's memory layout before the scatter, which is slow across layouts; bin sums
+            # are scaled in float32 at least (they overflow float16)
             crops = torch.empty(
-                len(bc), channels, size, size, device=device, dtype=out.dtype,
+                len(bc), channels, size, size, device=device, dtype=work_dtype,
                 memory_format=layout,
             ).copy_(samples.transpose(0, 1))
             if area_x or area_y:
                 wh = (bc[:, 2:] - bc[:, :2]) / size
                 bin_area = (wh[:, 0] if area_x else 1) * (wh[:, 1] if area_y else 1)
-                crops.mul_((1 / bin_area).to(out.dtype).view(-1, 1, 1, 1))
-            out[index] = crops
+                crops.mul_((1 / bin_area).to(work_dtype).view(-1, 1, 1, 1))
+            out[index] = crops.to(out.dtype)
     return out
 
 
