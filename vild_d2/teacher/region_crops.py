@@ -184,11 +184,9 @@ def crop_regions_batch(
     return out
 
 
-def crop_regions(
-    image: torch.Tensor, boxes: torch.Tensor, size: int, out: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+def crop_regions(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Crops of ``boxes`` (already clipped) from one float image [C, H, W]: [M, C, size, size]."""
-    return crop_regions_batch([image], [boxes], size, out)
+    return crop_regions_batch([image], [boxes], size)
 
 
 def grow_boxes(
