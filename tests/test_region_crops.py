@@ -234,6 +234,29 @@ def test_crops_cut_in_several_calls_equal_crops_cut_in_one(monkeypatch):
     assert torch.equal(crop_regions_batch(images, boxes, 8), one_call)
 
 
+def test_crops_sampled_over_several_threads_equal_crops_sampled_over_one():
+    # grid_sample is split into one part per thread; 7 crops of one kind over 3 threads leave the
+    # last part short, and it is filled with copies that must not reach the output
+    g = torch.Generator().manual_seed(5)
+    images = [torch.rand(3, 50, 40, generator=g), torch.rand(3, 30, 70, generator=g)]
+    xy = torch.rand(14, 2, generator=g) * 20
+    wh = torch.rand(14, 2, generator=g) * 18 + 1
+    boxes = [clip_boxes_to_image(torch.cat([xy[:7], xy[:7] + wh[:7]], 1), (50, 40)),
+             clip_boxes_to_image(torch.cat([xy[7:], xy[7:] + wh[7:]], 1), (30, 70))]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = crop_regions_batch(images, boxes, 8)
+        torch.set_num_threads(3)
+        several = crop_regions_batch(images, boxes, 8)
+        nhwc = torch.empty(14, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+        crop_regions_batch(images, boxes, 8, out=nhwc)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(several, one)
+    assert torch.equal(nhwc, one)
+
+
 def test_images_cut_in_groups_equal_images_cut_in_one_atlas(monkeypatch):
     import vild_d2.teacher.region_crops as region_crops
 

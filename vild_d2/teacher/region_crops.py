@@ -69,6 +69,16 @@ def _axis_grid(lo: torch.Tensor, hi: torch.Tensor, size: int, area: bool) -> tor
     return lo[:, None] + (steps if area else steps + 0.5) * step - (0.0 if area else 0.5)
 
 
+def _cumulative(table: torch.Tensor, dim: int) -> torch.Tensor:
+    """Cumulative sums of ``table`` along ``dim``, preceded by a zero."""
+    shape = list(table.shape)
+    shape[dim] += 1
+    out = table.new_empty(shape)
+    out.narrow(dim, 0, 1).zero_()
+    torch.cumsum(table, dim, out=out.narrow(dim, 1, table.shape[dim]))
+    return out
+
+
 def crop_regions_batch(
     images: Sequence[torch.Tensor],
     boxes: Sequence[torch.Tensor],
@@ -112,72 +122,86 @@ def crop_regions_batch(
                 first, start = i, stop
         return out
     nhwc = out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
-    layout = torch.channels_last if nhwc else torch.contiguous_format
     work_dtype = torch.float32 if out.dtype in (torch.float16, torch.bfloat16) else out.dtype
     # float64: float32 grid coordinates are off by ~1e-6 pixel, and cumulative sums of a large
-    # image would lose the precision of one pixel's value
-    padded = torch.stack(
-        [
-            F.pad(
-                im[None].double(), (1, width - im.shape[2] + 1, 1, height - im.shape[1] + 1),
-                mode="replicate",
-            )[0]
-            for im in images
-        ]
-    )
+    # image would lose the precision of one pixel's value. Tables are laid out as the atlas,
+    # [C, H, image, W], so that none is copied to be sampled.
+    n = len(images)
+    padded = torch.empty(channels, height + 2, n, width + 2, device=device, dtype=torch.float64)
+    for k, im in enumerate(images):
+        pad = (1, width - im.shape[2] + 1, 1, height - im.shape[1] + 1)
+        padded[:, :, k].copy_(F.pad(im[None], pad, mode="replicate")[0])
     b = torch.cat(boxes).to(device, torch.float64)
     which = torch.repeat_interleave(
-        torch.arange(len(images), device=device), torch.tensor(counts, device=device)
+        torch.arange(n, device=device), torch.tensor(counts, device=device)
     )
     shrunk = (b[:, 2:] - b[:, :2]) > size  # per axis (x, y): box filter, else bilinear
     case = shrunk[:, 0].long() + 2 * shrunk[:, 1].long()
+    # grid_sample runs in parallel over its batch only: the atlas is repeated (a view) for as many
+    # parts of the crops as there are threads
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
     tables = {0: padded}
     for c in case.unique().tolist():
         area_x, area_y = bool(c & 1), bool(c & 2)
         if c not in tables:  # cumulative sums along the box-filtered axes, from 0 at the edge
             table = tables[1] if c == 3 and 1 in tables else padded
             if area_x and table is padded:
-                table = F.pad(table.cumsum(3), (1, 0))
+                table = _cumulative(table, 3)
             if area_y:
-                table = F.pad(table.cumsum(2), (0, 0, 1, 0))
+                table = _cumulative(table, 1)
             tables[c] = table
         table = tables[c]
-        n, _, th, tw = table.shape
-        atlas = table.permute(1, 2, 0, 3).reshape(1, channels, th, n * tw)
+        th, tw = table.shape[1], table.shape[3]
+        atlas = table.view(1, channels, th, n * tw)
         # at most MAX_SAMPLES_PER_CALL lattice points per call: a batch of 224 px crops would
         # otherwise hold about 4 MB of float64 temporaries per crop at once
         per_call = max(1, MAX_SAMPLES_PER_CALL // ((size + 1) ** 2))
         for index in (case == c).nonzero()[:, 0].split(per_call):
-            bc = b[index]
+            parts = min(threads, len(index))
+            per_part = -(-len(index) // parts)
+            # the last crop is repeated to fill the parts; its copies are not written to out
+            filled = torch.cat([index, index[-1:].expand(parts * per_part - len(index))])
+            bc = b[filled]
             # pixel index in the atlas: +1 for the border (an edge x of the image is column x + 1
             # of its cumulative table, a pixel centre x - 0.5 is column x + 0.5 of the padded
             # image), + the image's offset; then grid_sample's normalised coordinates
             # (align_corners=False)
-            x = _axis_grid(bc[:, 0], bc[:, 2], size, area_x) + 1 + (which[index] * tw)[:, None]
+            x = _axis_grid(bc[:, 0], bc[:, 2], size, area_x) + 1 + (which[filled] * tw)[:, None]
             y = _axis_grid(bc[:, 1], bc[:, 3], size, area_y) + 1
-            grid = bc.new_empty(len(bc), y.shape[1], x.shape[1], 2)
+            gy, gx = y.shape[1], x.shape[1]
+            grid = bc.new_empty(len(bc), gy, gx, 2)
             grid[..., 0] = ((2 * x + 1) / (n * tw) - 1)[:, None, :]
             grid[..., 1] = ((2 * y + 1) / th - 1)[:, :, None]
             samples = F.grid_sample(
-                atlas,
-                grid.view(1, -1, x.shape[1], 2),
+                atlas.expand(parts, -1, -1, -1),
+                grid.view(parts, per_part * gy, gx, 2),
                 mode="bilinear",
                 padding_mode="border",
                 align_corners=False,
-            ).view(channels, len(bc), y.shape[1], x.shape[1])
-            # differences of the cumulative sums in float64, then the means in out's dtype
-            if area_x:
-                samples = samples.diff(dim=3)
-            if area_y:
-                samples = samples.diff(dim=2)
-            # in out's memory layout before the scatter, which is slow across layouts; bin sums
-            # are scaled in float32 at least (they overflow float16)
+            ).view(parts, channels, per_part, gy, gx)
+            # differences of the cumulative sums in float64, the last one written in work_dtype
+            # straight into the crops, crop-major and in out's memory layout (bin sums are scaled
+            # in float32 at least: they overflow float16)
+            if area_x:  # along the flat buffer, which vectorises; each row's last one is unused
+                flat = samples.view(-1)
+                samples = (flat[1:] - flat[:-1]).as_strided(
+                    (parts, channels, per_part, gy, gx - 1), samples.stride()
+                )
             crops = torch.empty(
-                len(bc), channels, size, size, device=device, dtype=work_dtype,
-                memory_format=layout,
-            ).copy_(samples.transpose(0, 1))
+                parts, per_part, *((size, size, channels) if nhwc else (channels, size, size)),
+                device=device, dtype=work_dtype,
+            )
+            if nhwc:
+                crops = crops.permute(0, 1, 4, 2, 3)
+            for ch in range(channels):
+                if area_y:
+                    rows = samples[:, ch]
+                    torch.sub(rows[..., 1:, :], rows[..., :-1, :], out=crops[:, :, ch])
+                else:
+                    crops[:, :, ch].copy_(samples[:, ch])
+            crops = crops.flatten(0, 1)[: len(index)]
             if area_x or area_y:
-                wh = (bc[:, 2:] - bc[:, :2]) / size
+                wh = (bc[: len(index), 2:] - bc[: len(index), :2]) / size
                 bin_area = (wh[:, 0] if area_x else 1) * (wh[:, 1] if area_y else 1)
                 crops.mul_((1 / bin_area).to(work_dtype).view(-1, 1, 1, 1))
             out[index] = crops.to(out.dtype)
