@@ -135,8 +135,26 @@ def crop_regions_batch(
     which = torch.repeat_interleave(
         torch.arange(n, device=device), torch.tensor(counts, device=device)
     )
-    shrunk = (b[:, 2:] - b[:, :2]) > size  # per axis (x, y): box filter, else bilinear
+    side = b[:, 2:] - b[:, :2]
+    shrunk = side > size  # per axis (x, y): box filter, else bilinear
     case = shrunk[:, 0].long() + 2 * shrunk[:, 1].long()
+    # 1 / bin area of the box-filtered axes, by which the crops' bin sums are scaled
+    wh = side / size
+    scale = (
+        1 / (torch.where(shrunk[:, 0], wh[:, 0], 1.0) * torch.where(shrunk[:, 1], wh[:, 1], 1.0))
+    ).to(work_dtype)
+    # every crop's sample coordinates under either rule along each axis, as grid_sample's
+    # normalised coordinates (align_corners=False) in the table it reads, which has one more
+    # column (row) when cumulative along x (y): pixel index in the atlas, +1 for the border (an
+    # edge x of the image is column x + 1 of its cumulative table, a pixel centre x - 0.5 is
+    # column x + 0.5 of the padded image), + the image's offset
+    grid_x, grid_y = {}, {}
+    for area in (False, True):
+        tw, th = width + 2 + area, height + 2 + area
+        x = _axis_grid(b[:, 0], b[:, 2], size, area) + 1 + (which * tw)[:, None]
+        grid_x[area] = (2 * x + 1) / (n * tw) - 1
+        y = _axis_grid(b[:, 1], b[:, 3], size, area) + 1
+        grid_y[area] = (2 * y + 1) / th - 1
     # grid_sample runs in parallel over its batch only: the atlas is repeated (a view) for as many
     # parts of the crops as there are threads
     threads = torch.get_num_threads() if device.type == "cpu" else 1
@@ -151,8 +169,7 @@ def crop_regions_batch(
                 table = _cumulative(table, 1)
             tables[c] = table
         table = tables[c]
-        th, tw = table.shape[1], table.shape[3]
-        atlas = table.view(1, channels, th, n * tw)
+        atlas = table.view(1, channels, table.shape[1], n * table.shape[3])
         # at most MAX_SAMPLES_PER_CALL lattice points per call: a batch of 224 px crops would
         # otherwise hold about 4 MB of float64 temporaries per crop at once
         per_call = max(1, MAX_SAMPLES_PER_CALL // ((size + 1) ** 2))
@@ -161,17 +178,11 @@ def crop_regions_batch(
             per_part = -(-len(index) // parts)
             # the last crop is repeated to fill the parts; its copies are not written to out
             filled = torch.cat([index, index[-1:].expand(parts * per_part - len(index))])
-            bc = b[filled]
-            # pixel index in the atlas: +1 for the border (an edge x of the image is column x + 1
-            # of its cumulative table, a pixel centre x - 0.5 is column x + 0.5 of the padded
-            # image), + the image's offset; then grid_sample's normalised coordinates
-            # (align_corners=False)
-            x = _axis_grid(bc[:, 0], bc[:, 2], size, area_x) + 1 + (which[filled] * tw)[:, None]
-            y = _axis_grid(bc[:, 1], bc[:, 3], size, area_y) + 1
+            x, y = grid_x[area_x][filled], grid_y[area_y][filled]
             gy, gx = y.shape[1], x.shape[1]
-            grid = bc.new_empty(len(bc), gy, gx, 2)
-            grid[..., 0] = ((2 * x + 1) / (n * tw) - 1)[:, None, :]
-            grid[..., 1] = ((2 * y + 1) / th - 1)[:, :, None]
+            grid = x.new_empty(len(filled), gy, gx, 2)
+            grid[..., 0] = x[:, None, :]
+            grid[..., 1] = y[:, :, None]
             samples = F.grid_sample(
                 atlas.expand(parts, -1, -1, -1),
                 grid.view(parts, per_part * gy, gx, 2),
@@ -201,9 +212,7 @@ def crop_regions_batch(
                     crops[:, :, ch].copy_(samples[:, ch])
             crops = crops.flatten(0, 1)[: len(index)]
             if area_x or area_y:
-                wh = (bc[: len(index), 2:] - bc[: len(index), :2]) / size
-                bin_area = (wh[:, 0] if area_x else 1) * (wh[:, 1] if area_y else 1)
-                crops.mul_((1 / bin_area).to(work_dtype).view(-1, 1, 1, 1))
+                crops.mul_(scale[index].view(-1, 1, 1, 1))
             out[index] = crops.to(out.dtype)
     return out
 
