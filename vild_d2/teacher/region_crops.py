@@ -62,11 +62,11 @@ def expand_boxes(boxes: torch.Tensor, scale: float, image_size: Tuple[int, int])
 
 
 def _axis_grid(lo: torch.Tensor, hi: torch.Tensor, size: int, area: bool) -> torch.Tensor:
-    """Per box [lo, hi] along one axis: the ``size + 1`` bin edges (area) or the ``size`` bin
-    centres - 0.5 (bilinear), in pixel-index units of the image."""
+    """Per box and axis [lo, hi] (tensors of any shape): the ``size + 1`` bin edges (area) or the
+    ``size`` bin centres - 0.5 (bilinear), in pixel-index units of the image, on a new last dim."""
     steps = torch.arange(size + 1 if area else size, dtype=lo.dtype, device=lo.device)
-    step = ((hi - lo) / size)[:, None]
-    return lo[:, None] + (steps if area else steps + 0.5) * step - (0.0 if area else 0.5)
+    step = ((hi - lo) / size)[..., None]
+    return lo[..., None] + (steps if area else steps + 0.5) * step - (0.0 if area else 0.5)
 
 
 def _cumulative(table: torch.Tensor, dim: int) -> torch.Tensor:
@@ -148,13 +148,12 @@ def crop_regions_batch(
     # column (row) when cumulative along x (y): pixel index in the atlas, +1 for the border (an
     # edge x of the image is column x + 1 of its cumulative table, a pixel centre x - 0.5 is
     # column x + 0.5 of the padded image), + the image's offset
-    grid_x, grid_y = {}, {}
+    grid_xy = {}  # area: [N, (x, y), points]
     for area in (False, True):
         tw, th = width + 2 + area, height + 2 + area
-        x = _axis_grid(b[:, 0], b[:, 2], size, area) + 1 + (which * tw)[:, None]
-        grid_x[area] = (2 * x + 1) / (n * tw) - 1
-        y = _axis_grid(b[:, 1], b[:, 3], size, area) + 1
-        grid_y[area] = (2 * y + 1) / th - 1
+        xy = _axis_grid(b[:, :2], b[:, 2:], size, area) + 1
+        xy += (which[:, None] * which.new_tensor([tw, 0]))[..., None]
+        grid_xy[area] = (2 * xy + 1) / xy.new_tensor([n * tw, th])[:, None] - 1
     # grid_sample runs in parallel over its batch only: the atlas is repeated (a view) for as many
     # parts of the crops as there are threads
     threads = torch.get_num_threads() if device.type == "cpu" else 1
@@ -177,8 +176,10 @@ def crop_regions_batch(
             parts = min(threads, len(index))
             per_part = -(-len(index) // parts)
             # the last crop is repeated to fill the parts; its copies are not written to out
-            filled = torch.cat([index, index[-1:].expand(parts * per_part - len(index))])
-            x, y = grid_x[area_x][filled], grid_y[area_y][filled]
+            filled = index
+            if parts * per_part > len(index):
+                filled = torch.cat([index, index[-1:].expand(parts * per_part - len(index))])
+            x, y = grid_xy[area_x][filled, 0], grid_xy[area_y][filled, 1]
             gy, gx = y.shape[1], x.shape[1]
             grid = x.new_empty(len(filled), gy, gx, 2)
             grid[..., 0] = x[:, None, :]
@@ -204,12 +205,10 @@ def crop_regions_batch(
             )
             if nhwc:
                 crops = crops.permute(0, 1, 4, 2, 3)
-            for ch in range(channels):
-                if area_y:
-                    rows = samples[:, ch]
-                    torch.sub(rows[..., 1:, :], rows[..., :-1, :], out=crops[:, :, ch])
-                else:
-                    crops[:, :, ch].copy_(samples[:, ch])
+            if area_y:
+                torch.sub(samples[..., 1:, :], samples[..., :-1, :], out=crops.transpose(1, 2))
+            else:
+                crops.transpose(1, 2).copy_(samples)
             crops = crops.flatten(0, 1)[: len(index)]
             if area_x or area_y:
                 crops.mul_(scale[index].view(-1, 1, 1, 1))
