@@ -19,6 +19,7 @@ when the checkpoint is absent) and "vit_b32" (a random-weight ViT-B/32).
 """
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -160,12 +161,12 @@ def _batch_size(spec: str, model: str) -> int:
 def measure(name, args, dicts, boxes):
     device = torch.device(args.device)
     model, info, source = _model(name, args.teacher)
-    # pipeline and encoder run the model as the tool does (NHWC for a ResNet tower); the naive way
-    # in the precision clip.load gives (the two encoders share the model: bf16 is autocast)
+    # pipeline and encoder run the model as the tool does (NHWC for a ResNet tower, weights cast
+    # for bf16); the naive way a copy in the precision clip.load gives
     batch_size = _batch_size(args.batch_size, name)
-    encoder = RegionEncoder(model, info, SCALES, True, batch_size, device, args.precision)
-    naive = RegionEncoder(model, info, SCALES, True, 1, device,
+    naive = RegionEncoder(copy.deepcopy(model), info, SCALES, True, 1, device,
                           "fp16" if device.type == "cuda" else "fp32")
+    encoder = RegionEncoder(model, info, SCALES, True, batch_size, device, args.precision)
     total = sum(len(b) for b in boxes) * len(SCALES)
     # one untimed pass of each warms up allocators and kernels
     _naive(naive, info, dicts[:1], boxes, device, 4)

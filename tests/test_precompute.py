@@ -1,6 +1,7 @@
 """tools/precompute_clip_embeddings.py on a tiny world: the cache round trip, its embeddings against
 a direct encoding, resume after SIGKILL, a 2-process run, and the manifest checks."""
 
+import copy
 import os
 import signal
 import subprocess
@@ -280,12 +281,29 @@ def test_bf16_encoder_matches_fp32_to_bf16_precision(tiny):
     g = torch.Generator().manual_seed(1)
     images = [torch.randint(0, 256, (3, 60, 60), generator=g, dtype=torch.uint8)]
     boxes = [torch.tensor([[0.0, 0, 30, 30], [10, 5, 59, 40], [20, 20, 50, 58]])]
-    fp32 = RegionEncoder(model, info, (1.0, 1.5), precision="fp32")
+    fp32 = RegionEncoder(copy.deepcopy(model), info, (1.0, 1.5), precision="fp32")
     bf16 = RegionEncoder(model, info, (1.0, 1.5), precision="bf16")
     assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
     a, b = fp32(images, boxes)[0].astype(np.float32), bf16(images, boxes)[0].astype(np.float32)
     assert (a * b).sum(1).min() > 0.999  # cosine of unit vectors
     assert not np.array_equal(a, b)  # bf16 did run
+
+
+@pytest.mark.parametrize("tower", ["resnet", "vit"])
+def test_bf16_weights_cast_once_give_autocasts_results_bit_for_bit(tower):
+    torch.manual_seed(0)
+    layers, width, patch = ((1, 1, 1, 1), 8, None) if tower == "resnet" else (2, 64, 16)
+    model = CLIP(64, 64, layers, width, patch, 77, 49408, 64, 1, 1).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model.encode_image(x)
+        cast = cast_for_precision(copy.deepcopy(model), "bf16")
+        out = cast.encode_image(x)
+    weights = [m.weight for m in cast.visual.modules() if isinstance(m, torch.nn.Linear)]
+    assert weights and all(w.dtype == torch.bfloat16 for w in weights)
+    norms = [m for m in cast.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d))]
+    assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())
+    assert torch.equal(out, reference)
 
 
 @pytest.mark.parametrize("tower", ["resnet", "vit"])
