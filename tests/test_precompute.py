@@ -289,11 +289,21 @@ def test_bf16_encoder_matches_fp32_to_bf16_precision(tiny):
     assert not np.array_equal(a, b)  # bf16 did run
 
 
-@pytest.mark.parametrize("tower", ["resnet", "vit"])
-def test_bf16_weights_cast_once_give_autocasts_results_bit_for_bit(tower):
+def _small_clip(tower: str) -> CLIP:
     torch.manual_seed(0)
     layers, width, patch = ((1, 1, 1, 1), 8, None) if tower == "resnet" else (2, 64, 16)
-    model = CLIP(64, 64, layers, width, patch, 77, 49408, 64, 1, 1).eval()
+    return CLIP(64, 64, layers, width, patch, 77, 49408, 64, 1, 1).eval()
+
+
+def _norms_are_float32(model) -> bool:
+    norm_types = (torch.nn.LayerNorm, torch.nn.BatchNorm2d)
+    norms = [m for m in model.modules() if isinstance(m, norm_types)]
+    return bool(norms) and all(p.dtype == torch.float32 for m in norms for p in m.parameters())
+
+
+@pytest.mark.parametrize("tower", ["resnet", "vit"])
+def test_bf16_weights_cast_once_give_autocasts_results_bit_for_bit(tower):
+    model = _small_clip(tower)
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         reference = model.encode_image(x)
@@ -301,8 +311,7 @@ def test_bf16_weights_cast_once_give_autocasts_results_bit_for_bit(tower):
         out = cast.encode_image(x)
     weights = [m.weight for m in cast.visual.modules() if isinstance(m, torch.nn.Linear)]
     assert weights and all(w.dtype == torch.bfloat16 for w in weights)
-    norms = [m for m in cast.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d))]
-    assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())
+    assert _norms_are_float32(cast)
     assert torch.equal(out, reference)
 
 
@@ -310,17 +319,13 @@ def test_bf16_weights_cast_once_give_autocasts_results_bit_for_bit(tower):
 def test_fp16_cast_is_clips_own_and_runs(tower):
     # CLIP's LayerNorm computes in float32: a model made half() whole fails on a ViT
     # ("expected scalar type Float but found Half" on CUDA); the norms must stay float32
-    torch.manual_seed(0)
-    layers, width, patch = ((1, 1, 1, 1), 8, None) if tower == "resnet" else (2, 64, 16)
-    model = CLIP(64, 64, layers, width, patch, 77, 49408, 64, 1, 1).eval()
+    model = _small_clip(tower)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         reference = model.encode_image(x)
         half = cast_for_precision(model, "fp16")
         assert half.dtype == torch.float16
-        norm_types = (torch.nn.LayerNorm, torch.nn.BatchNorm2d)
-        norms = [m for m in half.modules() if isinstance(m, norm_types)]
-        assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())
+        assert _norms_are_float32(half)
         out = half.encode_image(x.half())
     assert out.dtype == torch.float16
     assert F.cosine_similarity(out.float(), reference, dim=1).min() > 0.999
