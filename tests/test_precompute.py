@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import clip
 import numpy as np
 import pytest
 import torch
@@ -313,6 +314,11 @@ def test_bf16_weights_cast_once_give_autocasts_results_bit_for_bit(tower):
     assert weights and all(w.dtype == torch.bfloat16 for w in weights)
     assert _norms_are_float32(cast)
     assert torch.equal(out, reference)
+    # the text tower, which reads the model's dtype, is left as it was
+    assert cast.dtype == torch.float32
+    tokens = clip.tokenize(["a photo of a red star"])
+    with torch.no_grad():
+        assert torch.equal(cast.encode_text(tokens), model.encode_text(tokens))
 
 
 @pytest.mark.parametrize("tower", ["resnet", "vit"])

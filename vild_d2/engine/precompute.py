@@ -235,11 +235,15 @@ def resolve_precision(precision: str, device) -> str:
     return precision
 
 
-def _matmul_weights_to_bfloat16(module: torch.nn.Module) -> None:
-    """The weights bfloat16 autocast casts on every call, cast once: those of convolutions, linear
-    layers, attention's input projections and the output projection ``proj``. Everything else
-    (norms, embeddings) stays float32, so under autocast the results are the same, bit for bit."""
-    for m in module.modules():
+def _matmul_weights_to_bfloat16(visual: torch.nn.Module) -> None:
+    """The weights of a CLIP image tower that bfloat16 autocast casts on every call, cast once:
+    those of convolutions, linear layers, attention's input projections and the output projection
+    ``proj``. Everything else (norms, embeddings) stays float32, so under autocast the results are
+    the same, bit for bit. The first convolution stays float32 too: CLIP takes its dtype for the
+    model's (``CLIP.dtype``), which the text tower reads."""
+    for m in visual.modules():
+        if m is visual.conv1:
+            continue
         names = []
         if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
             names = ["weight", "bias"]

@@ -148,12 +148,13 @@ def crop_regions_batch(
     # column (row) when cumulative along x (y): pixel index in the atlas, +1 for the border (an
     # edge x of the image is column x + 1 of its cumulative table, a pixel centre x - 0.5 is
     # column x + 0.5 of the padded image), + the image's offset
-    grid_xy = {}  # area: [N, (x, y), points]
+    # (divisors stay Python numbers: CUDA divides by a scalar as a product with its reciprocal)
+    grid_xy = {}  # area: ([N, points] along x, [N, points] along y)
     for area in (False, True):
         tw, th = width + 2 + area, height + 2 + area
         xy = _axis_grid(b[:, :2], b[:, 2:], size, area) + 1
-        xy += (which[:, None] * which.new_tensor([tw, 0]))[..., None]
-        grid_xy[area] = (2 * xy + 1) / xy.new_tensor([n * tw, th])[:, None] - 1
+        x = xy[:, 0] + (which * tw)[:, None]
+        grid_xy[area] = ((2 * x + 1) / (n * tw) - 1, (2 * xy[:, 1] + 1) / th - 1)
     # grid_sample runs in parallel over its batch only: the atlas is repeated (a view) for as many
     # parts of the crops as there are threads
     threads = torch.get_num_threads() if device.type == "cpu" else 1
@@ -171,15 +172,16 @@ def crop_regions_batch(
         atlas = table.view(1, channels, table.shape[1], n * table.shape[3])
         # at most MAX_SAMPLES_PER_CALL lattice points per call: a batch of 224 px crops would
         # otherwise hold about 4 MB of float64 temporaries per crop at once
-        per_call = max(1, MAX_SAMPLES_PER_CALL // ((size + 1) ** 2))
+        # (less the copies that may fill the parts below)
+        per_call = max(1, MAX_SAMPLES_PER_CALL // ((size + 1) ** 2) - threads + 1)
         for index in (case == c).nonzero()[:, 0].split(per_call):
-            parts = min(threads, len(index))
-            per_part = -(-len(index) // parts)
+            per_part = -(-len(index) // min(threads, len(index)))
+            parts = -(-len(index) // per_part)
             # the last crop is repeated to fill the parts; its copies are not written to out
             filled = index
             if parts * per_part > len(index):
                 filled = torch.cat([index, index[-1:].expand(parts * per_part - len(index))])
-            x, y = grid_xy[area_x][filled, 0], grid_xy[area_y][filled, 1]
+            x, y = grid_xy[area_x][0][filled], grid_xy[area_y][1][filled]
             gy, gx = y.shape[1], x.shape[1]
             grid = x.new_empty(len(filled), gy, gx, 2)
             grid[..., 0] = x[:, None, :]
