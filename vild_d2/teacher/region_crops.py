@@ -91,7 +91,8 @@ def crop_regions_batch(
 
     The images sit side by side in one atlas, each with a one-pixel border that repeats its edge
     (so bilinear samples need no clamping and never reach a neighbour), and every table is sampled
-    with one ``grid_sample`` call for the crops of all images. Memory sets two limits, which change
+    with one ``grid_sample`` call for the crops of all images (on a CPU split into one part per
+    torch thread; results are the same for any count). Memory sets two limits, which change
     results by rounding at most: an atlas holds at most ``MAX_ATLAS_PIXELS`` pixels (more images
     are cut in groups) and a call samples at most ``MAX_SAMPLES_PER_CALL`` points.
     """
