@@ -11,6 +11,7 @@ setup(
     version="0.1.0",
     description="ViLD open-vocabulary object detection as a detectron2 extension",
     packages=find_packages(include=["vild_d2", "vild_d2.*"]),
+    package_data={"vild_d2.teacher": ["csrc/*.c"]},  # compiled on first use (crop_kernel.py)
     python_requires=">=3.9",
     install_requires=[
         "torch>=1.13",

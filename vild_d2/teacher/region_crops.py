@@ -18,6 +18,10 @@ Resampling, per axis of each box:
   The rules agree where they meet: for a bin of exactly one pixel both give the same blend of the
   two pixels it overlaps. Sampling runs in float64, in which the cumulative sums of a large image
   keep the precision of one pixel's value.
+
+On a CPU, a compiled kernel (``crop_kernel.py``, C built on first use) repeats the torch operations'
+arithmetic in one pass per crop, with the same bits; the torch operations run where it cannot be
+built, and on other devices.
 """
 
 from typing import Optional, Sequence, Tuple
@@ -25,6 +29,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import crop_kernel
 from .loader import ClipInfo, clip_normalize
 
 # recorded in the embedding cache's key: a cache cut another way is computed again
@@ -71,6 +76,13 @@ def _axis_grid(lo: torch.Tensor, hi: torch.Tensor, size: int, area: bool) -> tor
 
 def _cumulative(table: torch.Tensor, dim: int) -> torch.Tensor:
     """Cumulative sums of ``table`` along ``dim``, preceded by a zero."""
+    if (
+        table.device.type == "cpu"
+        and table.dtype == torch.float64
+        and table.is_contiguous()
+        and crop_kernel.kernel() is not None
+    ):
+        return crop_kernel.cumulative(table, dim)  # the same sums, in one pass
     shape = list(table.shape)
     shape[dim] += 1
     out = table.new_empty(shape)
@@ -92,9 +104,11 @@ def crop_regions_batch(
     The images sit side by side in one atlas, each with a one-pixel border that repeats its edge
     (so bilinear samples need no clamping and never reach a neighbour), and every table is sampled
     with one ``grid_sample`` call for the crops of all images (on a CPU split into one part per
-    torch thread; results are the same for any count). Memory sets two limits, which change
-    results by rounding at most: an atlas holds at most ``MAX_ATLAS_PIXELS`` pixels (more images
-    are cut in groups) and a call samples at most ``MAX_SAMPLES_PER_CALL`` points.
+    torch thread; results are the same for any count). On a CPU with float32 ``out`` the compiled
+    kernel of ``crop_kernel`` does the tables' sums and the sampling instead, with the same bits.
+    Memory sets two limits, which change results by rounding at most: an atlas holds at most
+    ``MAX_ATLAS_PIXELS`` pixels (more images are cut in groups) and a ``grid_sample`` call samples
+    at most ``MAX_SAMPLES_PER_CALL`` points.
     """
     for image in images:
         if image.dim() != 3 or not image.is_floating_point():
@@ -156,21 +170,37 @@ def crop_regions_batch(
         xy = _axis_grid(b[:, :2], b[:, 2:], size, area) + 1
         x = xy[:, 0] + (which * tw)[:, None]
         grid_xy[area] = ((2 * x + 1) / (n * tw) - 1, (2 * xy[:, 1] + 1) / th - 1)
-    # grid_sample runs in parallel over its batch only: the atlas is repeated (a view) for as many
-    # parts of the crops as there are threads
     threads = torch.get_num_threads() if device.type == "cpu" else 1
+    cases = case.unique().tolist()
     tables = {0: padded}
-    for c in case.unique().tolist():
-        area_x, area_y = bool(c & 1), bool(c & 2)
-        if c not in tables:  # cumulative sums along the box-filtered axes, from 0 at the edge
+    for c in cases:  # cumulative sums along the box-filtered axes, from 0 at the edge
+        if c not in tables:
             table = tables[1] if c == 3 and 1 in tables else padded
-            if area_x and table is padded:
+            if c & 1 and table is padded:
                 table = _cumulative(table, 3)
-            if area_y:
+            if c & 2:
                 table = _cumulative(table, 1)
             tables[c] = table
-        table = tables[c]
-        atlas = table.view(1, channels, table.shape[1], n * table.shape[3])
+    atlases = {c: t.view(channels, t.shape[1], n * t.shape[3]) for c, t in tables.items()}
+    if device.type == "cpu" and out.dtype == torch.float32 and crop_kernel.kernel() is not None:
+        # the same arithmetic, bit for bit, in one compiled pass per crop over `threads` threads
+        crop_kernel.cut_crops(
+            [atlases.get(c) if c in cases else None for c in range(4)],
+            channels,
+            [grid_xy[False][0].contiguous(), grid_xy[True][0].contiguous()],
+            [grid_xy[False][1].contiguous(), grid_xy[True][1].contiguous()],
+            case.contiguous(),
+            scale.contiguous(),
+            size,
+            out,
+            threads,
+        )
+        return out
+    for c in cases:
+        area_x, area_y = bool(c & 1), bool(c & 2)
+        # grid_sample runs in parallel over its batch only: the atlas is repeated (a view) for as
+        # many parts of the crops as there are threads
+        atlas = atlases[c][None]
         # at most MAX_SAMPLES_PER_CALL lattice points per call: a batch of 224 px crops would
         # otherwise hold about 4 MB of float64 temporaries per crop at once
         # (less the copies that may fill the parts below)

@@ -1,0 +1,229 @@
+/* The float64 work of vild_d2.teacher.region_crops.crop_regions_batch on a CPU, compiled: the
+ * cumulative tables, and per crop in one pass the bilinear samples of its table on its lattice, the
+ * differences of cumulative sums along the box-filtered axes, the bin-area scale and the write into
+ * the output in its layout.
+ *
+ * It repeats the torch path's arithmetic operation for operation, so that both give the same bits:
+ *   - cumulative sums added in order from 0, as torch.cumsum does;
+ *   - samples as ATen's CPU grid_sample computes them in float64 (bilinear, padding "border",
+ *     align_corners=False): the location (g + 1) * (size / 2) - 0.5 clamped to [0, size - 1],
+ *     corner weights as products of the distances to the opposite sides, corners past the last row
+ *     or column read as 0, and the four terms added in the order nw, ne, sw, se;
+ *   - differences in float64, the result rounded to float32, then multiplied by the float32 scale.
+ * ATen's vectorised kernel may be built with its multiplies and adds contracted into fused
+ * multiply-adds, which round once instead of twice; so the samples come in two variants, plain and
+ * fused, and the caller picks the one that reproduces torch on this machine. The file itself is
+ * built without contraction (-ffp-contract=off).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* dst [outer, length + 1, inner] = cumulative sums of src [outer, length, inner] along the middle
+ * axis, preceded by a zero (both contiguous). */
+void vild_cumulative(const double *src, double *dst, int64_t outer, int64_t length,
+                     int64_t inner) {
+    for (int64_t o = 0; o < outer; ++o) {
+        const double *s = src + o * length * inner;
+        double *d = dst + o * (length + 1) * inner;
+        if (inner == 1) {
+            double acc = 0.0;
+            d[0] = 0.0;
+            for (int64_t k = 0; k < length; ++k) {
+                acc += s[k];
+                d[k + 1] = acc;
+            }
+            continue;
+        }
+        for (int64_t i = 0; i < inner; ++i) d[i] = 0.0;
+        for (int64_t k = 0; k < length; ++k) {
+            const double *row = s + k * inner;
+            const double *prev = d + k * inner;
+            double *next = prev + inner;
+            /* the first row is 0 + x, which is x exactly, as torch's running sum from 0 gives */
+            for (int64_t i = 0; i < inner; ++i) next[i] = prev[i] + row[i];
+        }
+    }
+}
+
+/* One axis of a crop: for each of `count` normalised coordinates, the index of the low neighbour,
+ * the distances to it (`frac`) and to the high one (`rest`); returns how many leading points have
+ * their high neighbour inside the table (locations grow along the axis, so these come first). */
+static inline int64_t locate(const double *grid, int64_t count, int64_t size, int fused,
+                             int64_t *low, double *frac, double *rest) {
+    const double scaling = (double)size / 2;
+    const double max_val = (double)(size - 1);
+    int64_t inside = 0;
+    for (int64_t k = 0; k < count; ++k) {
+        double x = fused ? fma(grid[k] + 1.0, scaling, -0.5) : (grid[k] + 1.0) * scaling - 0.5;
+        x = x > 0.0 ? x : 0.0;
+        x = x < max_val ? x : max_val;
+        const double fl = floor(x);
+        low[k] = (int64_t)fl;
+        frac[k] = x - fl;
+        rest[k] = 1.0 - frac[k];
+        inside += low[k] + 1 < size;
+    }
+    return inside;
+}
+
+static inline double blend(double nw_val, double ne_val, double sw_val, double se_val, double nw,
+                           double ne, double sw, double se, int fused) {
+    if (fused) {
+        double r = nw_val * nw;
+        r = fma(ne_val, ne, r);
+        r = fma(sw_val, sw, r);
+        return fma(se_val, se, r);
+    }
+    return nw_val * nw + ne_val * ne + sw_val * sw + se_val * se;
+}
+
+/* Samples of one channel: rows [gy] x columns [gx] of `table`, into `dst`. */
+static inline void sample_channel(const double *table, int64_t row_stride, const int64_t *y_low,
+                                  const double *y_frac, const double *y_rest, int64_t gy,
+                                  int64_t y_inside, const int64_t *x_low, const double *x_frac,
+                                  const double *x_rest, int64_t gx, int64_t x_inside, int fused,
+                                  double *dst) {
+    for (int64_t i = 0; i < gy; ++i) {
+        const double *north = table + y_low[i] * row_stride;
+        const double *south = north + row_stride;
+        const double n = y_frac[i], s = y_rest[i];
+        double *row = dst + i * gx;
+        if (i < y_inside) {
+            for (int64_t j = 0; j < x_inside; ++j) {
+                const int64_t xw = x_low[j];
+                const double w = x_frac[j], e = x_rest[j];
+                row[j] = blend(north[xw], north[xw + 1], south[xw], south[xw + 1], s * e, s * w,
+                               n * e, n * w, fused);
+            }
+            for (int64_t j = x_inside; j < gx; ++j) {
+                const int64_t xw = x_low[j];
+                const double w = x_frac[j], e = x_rest[j];
+                row[j] = blend(north[xw], 0.0, south[xw], 0.0, s * e, s * w, n * e, n * w, fused);
+            }
+        } else {
+            for (int64_t j = 0; j < gx; ++j) {
+                const int64_t xw = x_low[j];
+                const double w = x_frac[j], e = x_rest[j];
+                const double ne_val = j < x_inside ? north[xw + 1] : 0.0;
+                row[j] = blend(north[xw], ne_val, 0.0, 0.0, s * e, s * w, n * e, n * w, fused);
+            }
+        }
+    }
+}
+
+/* Crop values from samples v [gy, gx] of one channel into o (element j at o[j * step]). */
+static inline void finish_channel(const double *v, int64_t gx, int64_t size, int area_x,
+                                  int area_y, float f, float *o, int64_t row_step, int64_t step) {
+    for (int64_t i = 0; i < size; ++i) {
+        const double *r0 = v + i * gx, *r1 = r0 + gx;
+        float *dst = o + i * row_step;
+        if (area_x && area_y) {
+            for (int64_t j = 0; j < size; ++j)
+                dst[j * step] = (float)((r1[j + 1] - r1[j]) - (r0[j + 1] - r0[j])) * f;
+        } else if (area_x) {
+            for (int64_t j = 0; j < size; ++j) dst[j * step] = (float)(r0[j + 1] - r0[j]) * f;
+        } else if (area_y) {
+            for (int64_t j = 0; j < size; ++j) dst[j * step] = (float)(r1[j] - r0[j]) * f;
+        } else {
+            for (int64_t j = 0; j < size; ++j) dst[j * step] = (float)r0[j];
+        }
+    }
+}
+
+static int cut_range(const double *const tables[4], const int64_t height[4], const int64_t width[4],
+                     const int64_t row_stride[4], const int64_t chan_stride[4], int64_t channels,
+                     const double *const grid_x[2], const double *const grid_y[2],
+                     const int64_t *case_, const float *scale, int64_t size, float *out,
+                     const int64_t out_strides[4], int64_t first, int64_t last, int fused) {
+    const int64_t points = size + 1;
+    int64_t *low = malloc(2 * points * sizeof(int64_t));
+    double *buf = malloc((4 * points + channels * points * points) * sizeof(double));
+    if (!low || !buf) {
+        free(low);
+        free(buf);
+        return -1;
+    }
+    int64_t *x_low = low, *y_low = low + points;
+    double *x_frac = buf, *x_rest = buf + points, *y_frac = buf + 2 * points;
+    double *y_rest = buf + 3 * points, *samples = buf + 4 * points; /* [C, gy, gx] */
+    for (int64_t k = first; k < last; ++k) {
+        const int c_ = (int)case_[k];
+        const int area_x = c_ & 1, area_y = (c_ >> 1) & 1;
+        const int64_t gx = size + area_x, gy = size + area_y;
+        const int64_t x_inside =
+            locate(grid_x[area_x] + k * gx, gx, width[c_], fused, x_low, x_frac, x_rest);
+        const int64_t y_inside =
+            locate(grid_y[area_y] + k * gy, gy, height[c_], fused, y_low, y_frac, y_rest);
+        for (int64_t c = 0; c < channels; ++c) {
+            const double *table = tables[c_] + c * chan_stride[c_];
+            double *v = samples + c * gy * gx;
+            if (fused)
+                sample_channel(table, row_stride[c_], y_low, y_frac, y_rest, gy, y_inside, x_low,
+                               x_frac, x_rest, gx, x_inside, 1, v);
+            else
+                sample_channel(table, row_stride[c_], y_low, y_frac, y_rest, gy, y_inside, x_low,
+                               x_frac, x_rest, gx, x_inside, 0, v);
+        }
+        float *dst = out + k * out_strides[0];
+        for (int64_t c = 0; c < channels; ++c)
+            finish_channel(samples + c * gy * gx, gx, size, area_x, area_y, scale[k],
+                           dst + c * out_strides[1], out_strides[2], out_strides[3]);
+    }
+    free(low);
+    free(buf);
+    return 0;
+}
+
+/* Crops of a batch of N. Per crop k:
+ *   case_[k]: bit 0 box filter along x, bit 1 along y; tables[case] is that case's float64 table
+ *     [C, height, width] (rows row_stride apart, channels chan_stride apart);
+ *   grid_x[a] (a = 0, 1): [N, size + a] normalised x coordinates in the table of a crop with
+ *     area_x = a; grid_y likewise;
+ *   scale[k]: the float32 factor of a box-filtered crop;
+ * written to out + k * out_strides[0] + c * out_strides[1] + i * out_strides[2] + j * ...[3],
+ * over `threads` OpenMP threads. `fused` picks the samples' variant. Returns 0, or -1 when scratch
+ * memory could not be had. */
+int vild_cut_crops(const double *const tables[4], const int64_t height[4], const int64_t width[4],
+                   const int64_t row_stride[4], const int64_t chan_stride[4], int64_t channels,
+                   const double *const grid_x[2], const double *const grid_y[2],
+                   const int64_t *case_, const float *scale, int64_t size, float *out,
+                   const int64_t out_strides[4], int64_t n, int64_t threads, int fused) {
+    int failed = 0;
+    if (threads < 1) threads = 1;
+    if (threads > n) threads = n > 0 ? n : 1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads((int)threads) schedule(static) reduction(| : failed)
+#endif
+    for (int64_t part = 0; part < threads; ++part) {
+        failed |= cut_range(tables, height, width, row_stride, chan_stride, channels, grid_x,
+                            grid_y, case_, scale, size, out, out_strides, n * part / threads,
+                            n * (part + 1) / threads, fused) != 0;
+    }
+    return failed ? -1 : 0;
+}
+
+/* Samples of one channel [h, w] (rows row_stride apart) on the lattice gy x gx of normalised
+ * coordinates, into dst [ngy, ngx]: what the caller compares with torch's grid_sample to pick the
+ * variant. */
+void vild_sample_lattice(const double *table, int64_t h, int64_t w, int64_t row_stride,
+                         const double *gx, int64_t ngx, const double *gy, int64_t ngy, int fused,
+                         double *dst) {
+    int64_t *low = malloc((ngx + ngy) * sizeof(int64_t));
+    double *buf = malloc(2 * (ngx + ngy) * sizeof(double));
+    if (!low || !buf) {
+        free(low);
+        free(buf);
+        return;
+    }
+    const int64_t x_inside = locate(gx, ngx, w, fused, low, buf, buf + ngx);
+    const int64_t y_inside =
+        locate(gy, ngy, h, fused, low + ngx, buf + 2 * ngx, buf + 2 * ngx + ngy);
+    sample_channel(table, row_stride, low + ngx, buf + 2 * ngx, buf + 2 * ngx + ngy, ngy, y_inside,
+                   low, buf, buf + ngx, ngx, x_inside, fused, dst);
+    free(low);
+    free(buf);
+}
