@@ -96,6 +96,8 @@ def _open(compiler: str) -> ctypes.CDLL:
 def _declare(lib: ctypes.CDLL) -> None:
     lib.vild_cumulative.restype = None
     lib.vild_cumulative.argtypes = [_p, _p, _i64, _i64, _i64]
+    lib.vild_pad_replicate.restype = None
+    lib.vild_pad_replicate.argtypes = [_p] + [_i64] * 6 + [_p] + [_i64] * 4
     lib.vild_cut_crops.restype = ctypes.c_int
     lib.vild_cut_crops.argtypes = [_p] * 5 + [_i64] + [_p] * 4 + [_i64, _p, _p, _i64, _i64]
     lib.vild_cut_crops.argtypes += [ctypes.c_int]
@@ -175,6 +177,15 @@ def cumulative(table: torch.Tensor, dim: int) -> torch.Tensor:
     out = table.new_empty(shape)
     kernel().vild_cumulative(table.data_ptr(), out.data_ptr(), outer, table.shape[dim], inner)
     return out
+
+
+def pad_replicate(image: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst`` [C, H, W] (float64, unit stride along W) = float32 ``image`` [C, h, w] with one
+    repeated edge row and column before it and as many as fill ``dst`` after it."""
+    kernel().vild_pad_replicate(
+        image.data_ptr(), *image.shape, *image.stride(), dst.data_ptr(), *dst.shape[1:],
+        *dst.stride()[:2],
+    )
 
 
 def _array(values, ctype):

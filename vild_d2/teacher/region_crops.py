@@ -26,6 +26,7 @@ built, and on other devices.
 
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -142,14 +143,16 @@ def crop_regions_batch(
     # image would lose the precision of one pixel's value. Tables are laid out as the atlas,
     # [C, H, image, W], so that none is copied to be sampled.
     n = len(images)
+    fast = device.type == "cpu" and crop_kernel.kernel() is not None  # the compiled kernel's
     padded = torch.empty(channels, height + 2, n, width + 2, device=device, dtype=torch.float64)
     for k, im in enumerate(images):
-        pad = (1, width - im.shape[2] + 1, 1, height - im.shape[1] + 1)
-        padded[:, :, k].copy_(F.pad(im[None], pad, mode="replicate")[0])
+        if fast and im.dtype == torch.float32:
+            crop_kernel.pad_replicate(im, padded[:, :, k])
+        else:
+            pad = (1, width - im.shape[2] + 1, 1, height - im.shape[1] + 1)
+            padded[:, :, k].copy_(F.pad(im[None], pad, mode="replicate")[0])
     b = torch.cat(boxes).to(device, torch.float64)
-    which = torch.repeat_interleave(
-        torch.arange(n, device=device), torch.tensor(counts, device=device)
-    )
+    which = torch.from_numpy(np.repeat(np.arange(n), counts)).to(device)
     side = b[:, 2:] - b[:, :2]
     shrunk = side > size  # per axis (x, y): box filter, else bilinear
     case = shrunk[:, 0].long() + 2 * shrunk[:, 1].long()
@@ -182,7 +185,7 @@ def crop_regions_batch(
                 table = _cumulative(table, 1)
             tables[c] = table
     atlases = {c: t.view(channels, t.shape[1], n * t.shape[3]) for c, t in tables.items()}
-    if device.type == "cpu" and out.dtype == torch.float32 and crop_kernel.kernel() is not None:
+    if fast and out.dtype == torch.float32:
         # the same arithmetic, bit for bit, in one compiled pass per crop over `threads` threads
         crop_kernel.cut_crops(
             [atlases.get(c) if c in cases else None for c in range(4)],

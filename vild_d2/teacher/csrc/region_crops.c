@@ -49,6 +49,24 @@ void vild_cumulative(const double *src, double *dst, int64_t outer, int64_t leng
     }
 }
 
+/* dst [C, dst_h, dst_w] (strides dst_sc, dst_sh, 1) = the float32 image src [C, h, w] (strides
+ * src_sc, src_sh, src_sw) in float64, its edge rows and columns repeated outwards: one row and
+ * column before it, and after it up to dst_h and dst_w (F.pad's "replicate"). */
+void vild_pad_replicate(const float *src, int64_t channels, int64_t h, int64_t w, int64_t src_sc,
+                        int64_t src_sh, int64_t src_sw, double *dst, int64_t dst_h, int64_t dst_w,
+                        int64_t dst_sc, int64_t dst_sh) {
+    for (int64_t c = 0; c < channels; ++c) {
+        for (int64_t r = 0; r < dst_h; ++r) {
+            const int64_t sr = r < 1 ? 0 : (r - 1 < h ? r - 1 : h - 1);
+            const float *row = src + c * src_sc + sr * src_sh;
+            double *out = dst + c * dst_sc + r * dst_sh;
+            out[0] = (double)row[0];
+            for (int64_t x = 1; x <= w; ++x) out[x] = (double)row[(x - 1) * src_sw];
+            for (int64_t x = w + 1; x < dst_w; ++x) out[x] = (double)row[(w - 1) * src_sw];
+        }
+    }
+}
+
 /* One axis of a crop: for each of `count` normalised coordinates, the index of the low neighbour,
  * the distances to it (`frac`) and to the high one (`rest`); returns how many leading points have
  * their high neighbour inside the table (locations grow along the axis, so these come first). */
