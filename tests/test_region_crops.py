@@ -18,6 +18,7 @@ from vild_d2.teacher.region_crops import (
     crops_for_clip,
     expand_boxes,
     grow_boxes,
+    grow_boxes_of_images,
 )
 
 
@@ -50,6 +51,15 @@ def test_grow_boxes_is_scale_major():
     grown = grow_boxes(boxes, (1.0, 2.0), (40, 60))
     np.testing.assert_allclose(grown[:2], boxes)
     np.testing.assert_allclose(grown[2:], [[5, 5, 25, 25], [25, 5, 45, 25]])
+
+
+def test_boxes_of_several_images_grow_as_each_alone():
+    g = torch.Generator().manual_seed(6)
+    sizes = [(40, 60), (70, 30), (25, 25), (9, 13)]
+    boxes = [torch.rand(m, 4, generator=g) * 80 - 5 for m in (5, 0, 7, 3)]
+    together = grow_boxes_of_images(boxes, (1.0, 1.5, 2.0), sizes)
+    for b, size, t in zip(boxes, sizes, together):
+        assert torch.equal(t, grow_boxes(b, (1.0, 1.5, 2.0), size))
 
 
 def test_an_integer_box_at_its_own_size_crops_exact_pixels():

@@ -47,7 +47,7 @@ from ..teacher.loader import ClipInfo, load_clip
 from ..teacher.region_crops import (
     CROP_RESAMPLING,
     crop_regions_batch,
-    grow_boxes,
+    grow_boxes_of_images,
     normalize_for_clip,
 )
 
@@ -318,7 +318,7 @@ class RegionEncoder:
         """
         if not images:
             return []
-        grown = [grow_boxes(b, self.scales, tuple(im.shape[1:])) for im, b in zip(images, boxes)]
+        grown = grow_boxes_of_images(boxes, self.scales, [tuple(im.shape[1:]) for im in images])
         sizes = [len(g) for g in grown]
         # all boxes go to the device in one copy: a copy from pageable memory waits for the device
         # to finish its queue, which per batch would stall the encoding (images come pinned)
@@ -348,13 +348,17 @@ class RegionEncoder:
             batch = torch.empty(stop - start, 3, r, r, device=self.device, memory_format=layout)
             crop_regions_batch(pieces, piece_boxes, r, out=batch)
             out[start:stop] = self.encode(batch).float()
-        result, first = [], 0
-        for g, end in zip(grown, ends):
-            emb = out[first:end].view(len(self.scales), len(g) // len(self.scales), dim)
-            emb = F.normalize(F.normalize(emb, dim=-1).sum(0), dim=-1)
-            result.append(emb.cpu().numpy().astype(np.float16))
-            first = end
-        return result
+        # per box: L2 norm of each scale's embedding, sum over scales, L2 norm; for all images at
+        # once, the rows of each scale gathered in image order ([S, boxes, D])
+        scales = len(self.scales)
+        counts = [n // scales for n in sizes]
+        rows = np.concatenate(
+            [np.arange(scales * c).reshape(scales, c) + e - scales * c for c, e in zip(counts, ends)],
+            axis=1,
+        )
+        emb = F.normalize(out, dim=-1)[torch.from_numpy(rows).to(self.device)]
+        emb = F.normalize(emb.sum(0), dim=-1).cpu().numpy().astype(np.float16)
+        return np.split(emb, np.cumsum(counts)[:-1])
 
 
 # ---------------------------------------------------------------------------- the run

@@ -99,7 +99,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.vild_pad_replicate.restype = None
     lib.vild_pad_replicate.argtypes = [_p] + [_i64] * 6 + [_p] + [_i64] * 4
     lib.vild_cut_crops.restype = ctypes.c_int
-    lib.vild_cut_crops.argtypes = [_p] * 5 + [_i64] + [_p] * 4 + [_i64, _p, _p, _i64, _i64]
+    lib.vild_cut_crops.argtypes = [_p] * 5 + [_i64, _p, _p, _i64, _p, _i64, _p, _p, _i64, _i64]
     lib.vild_cut_crops.argtypes += [ctypes.c_int]
     lib.vild_sample_lattice.restype = None
     lib.vild_sample_lattice.argtypes = [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, ctypes.c_int, _p]
@@ -195,18 +195,18 @@ def _array(values, ctype):
 def cut_crops(
     tables: Sequence[Optional[torch.Tensor]],
     channels: int,
-    grid_x: Sequence[torch.Tensor],
-    grid_y: Sequence[torch.Tensor],
+    boxes: torch.Tensor,
+    which: torch.Tensor,
+    images: int,
     case: torch.Tensor,
-    scale: torch.Tensor,
     size: int,
     out: torch.Tensor,
     threads: int,
 ) -> None:
     """Every crop of a batch into ``out``. ``tables[c]``: case c's float64 table as an atlas
-    [C, H, W] view, or None; ``grid_x[a]`` / ``grid_y[a]``: float64 normalised coordinates
-    [N, size + a]; ``case``: int64 [N]; ``scale``: float32 [N]; ``out``: float32 [N, C, size, size]
-    in any layout. All on the CPU and, except ``out``, contiguous."""
+    [C, H, W] view of ``images`` images side by side, or None; ``boxes``: float64 [N, 4] (XYXY
+    pixels of image ``which``, int64 [N]); ``case``: int64 [N]; ``out``: float32
+    [N, C, size, size] in any layout. All on the CPU and, except ``out``, contiguous."""
 
     def field(get):
         return [get(t) if t is not None else 0 for t in tables]
@@ -218,10 +218,10 @@ def cut_crops(
         _array(field(lambda t: t.stride(1)), _i64),
         _array(field(lambda t: t.stride(0)), _i64),
         channels,
-        _array([g.data_ptr() for g in grid_x], ctypes.c_void_p),
-        _array([g.data_ptr() for g in grid_y], ctypes.c_void_p),
+        boxes.data_ptr(),
+        which.data_ptr(),
+        images,
         case.data_ptr(),
-        scale.data_ptr(),
         size,
         out.data_ptr(),
         _array(list(out.stride()), _i64),

@@ -24,7 +24,7 @@ arithmetic in one pass per crop, with the same bits; the torch operations run wh
 built, and on other devices.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,21 +46,23 @@ __all__ = [
     "crops_for_clip",
     "expand_boxes",
     "grow_boxes",
+    "grow_boxes_of_images",
     "normalize_for_clip",
 ]
 
 
-def clip_boxes_to_image(boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
-    """Boxes clipped to an image of ``(height, width)``, each at least one pixel wide and high."""
-    h, w = float(image_size[0]), float(image_size[1])
-    x0 = boxes[:, 0].clamp(0, w - 1)
-    y0 = boxes[:, 1].clamp(0, h - 1)
-    x1 = torch.maximum(boxes[:, 2].clamp(max=w), x0 + 1)
-    y1 = torch.maximum(boxes[:, 3].clamp(max=h), y0 + 1)
+def clip_boxes_to_image(boxes: torch.Tensor, image_size) -> torch.Tensor:
+    """Boxes clipped to an image of ``(height, width)``, each at least one pixel wide and high
+    (height and width: numbers, or one per box as tensors)."""
+    h, w = (torch.as_tensor(v, dtype=boxes.dtype, device=boxes.device) for v in image_size)
+    x0 = torch.minimum(boxes[:, 0].clamp(min=0), w - 1)
+    y0 = torch.minimum(boxes[:, 1].clamp(min=0), h - 1)
+    x1 = torch.maximum(torch.minimum(boxes[:, 2], w), x0 + 1)
+    y1 = torch.maximum(torch.minimum(boxes[:, 3], h), y0 + 1)
     return torch.stack([x0, y0, x1, y1], dim=1)
 
 
-def expand_boxes(boxes: torch.Tensor, scale: float, image_size: Tuple[int, int]) -> torch.Tensor:
+def expand_boxes(boxes: torch.Tensor, scale: float, image_size) -> torch.Tensor:
     """Boxes with width and height multiplied by ``scale`` about their centres, then clipped."""
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = (boxes[:, 2:] - boxes[:, :2]) * (scale / 2)
@@ -156,6 +158,33 @@ def crop_regions_batch(
     side = b[:, 2:] - b[:, :2]
     shrunk = side > size  # per axis (x, y): box filter, else bilinear
     case = shrunk[:, 0].long() + 2 * shrunk[:, 1].long()
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    cases = case.unique().tolist()
+    tables = {0: padded}
+    for c in cases:  # cumulative sums along the box-filtered axes, from 0 at the edge
+        if c not in tables:
+            table = tables[1] if c == 3 and 1 in tables else padded
+            if c & 1 and table is padded:
+                table = _cumulative(table, 3)
+            if c & 2:
+                table = _cumulative(table, 1)
+            tables[c] = table
+    atlases = {c: t.view(channels, t.shape[1], n * t.shape[3]) for c, t in tables.items()}
+    if fast and out.dtype == torch.float32:
+        # the same arithmetic, bit for bit, in one compiled pass per crop over `threads` threads
+        # (with each crop's coordinates and scale below)
+        crop_kernel.cut_crops(
+            [atlases.get(c) if c in cases else None for c in range(4)],
+            channels,
+            b.contiguous(),
+            which.contiguous(),
+            n,
+            case.contiguous(),
+            size,
+            out,
+            threads,
+        )
+        return out
     # 1 / bin area of the box-filtered axes, by which the crops' bin sums are scaled
     wh = side / size
     scale = (
@@ -173,32 +202,6 @@ def crop_regions_batch(
         xy = _axis_grid(b[:, :2], b[:, 2:], size, area) + 1
         x = xy[:, 0] + (which * tw)[:, None]
         grid_xy[area] = ((2 * x + 1) / (n * tw) - 1, (2 * xy[:, 1] + 1) / th - 1)
-    threads = torch.get_num_threads() if device.type == "cpu" else 1
-    cases = case.unique().tolist()
-    tables = {0: padded}
-    for c in cases:  # cumulative sums along the box-filtered axes, from 0 at the edge
-        if c not in tables:
-            table = tables[1] if c == 3 and 1 in tables else padded
-            if c & 1 and table is padded:
-                table = _cumulative(table, 3)
-            if c & 2:
-                table = _cumulative(table, 1)
-            tables[c] = table
-    atlases = {c: t.view(channels, t.shape[1], n * t.shape[3]) for c, t in tables.items()}
-    if fast and out.dtype == torch.float32:
-        # the same arithmetic, bit for bit, in one compiled pass per crop over `threads` threads
-        crop_kernel.cut_crops(
-            [atlases.get(c) if c in cases else None for c in range(4)],
-            channels,
-            [grid_xy[False][0].contiguous(), grid_xy[True][0].contiguous()],
-            [grid_xy[False][1].contiguous(), grid_xy[True][1].contiguous()],
-            case.contiguous(),
-            scale.contiguous(),
-            size,
-            out,
-            threads,
-        )
-        return out
     for c in cases:
         area_x, area_y = bool(c & 1), bool(c & 2)
         # grid_sample runs in parallel over its batch only: the atlas is repeated (a view) for as
@@ -264,6 +267,19 @@ def grow_boxes(
     (all boxes at scales[0] first)."""
     boxes = boxes.float()
     return torch.cat([expand_boxes(boxes, float(s), image_size) for s in scales])
+
+
+def grow_boxes_of_images(
+    boxes: Sequence[torch.Tensor], scales: Sequence[float], image_sizes: Sequence[Tuple[int, int]]
+) -> List[torch.Tensor]:
+    """``grow_boxes`` of every image's boxes (``boxes[i]`` in an image of ``image_sizes[i]``), all
+    images at once: the same values, one [len(scales) * M_i, 4] per image."""
+    counts = [len(b) for b in boxes]
+    flat = torch.cat([b.float() for b in boxes])
+    sizes = np.repeat(np.asarray(image_sizes, dtype=np.float32).reshape(-1, 2), counts, axis=0)
+    h, w = torch.from_numpy(sizes).to(flat.device).unbind(1)
+    grown = torch.stack([expand_boxes(flat, float(s), (h, w)) for s in scales])  # [S, M, 4]
+    return [g.reshape(-1, 4) for g in grown.split(counts, dim=1)]
 
 
 def normalize_for_clip(image: torch.Tensor, info: ClipInfo) -> torch.Tensor:

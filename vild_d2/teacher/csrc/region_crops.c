@@ -5,6 +5,7 @@
  *
  * It repeats the torch path's arithmetic operation for operation, so that both give the same bits:
  *   - cumulative sums added in order from 0, as torch.cumsum does;
+ *   - every crop's sample coordinates and scale from its box, operation for operation;
  *   - samples as ATen's CPU grid_sample computes them in float64 (bilinear, padding "border",
  *     align_corners=False): the location (g + 1) * (size / 2) - 0.5 clamped to [0, size - 1],
  *     corner weights as products of the distances to the opposite sides, corners past the last row
@@ -152,14 +153,32 @@ static inline void finish_channel(const double *v, int64_t gx, int64_t size, int
     }
 }
 
+/* The normalised coordinates of one axis of a crop, computed as region_crops computes them with
+ * torch operations: the box [lo, lo + side] into `size` bins of side / size, the bin edges (area)
+ * or bin centres - 0.5 (bilinear); + 1 for the border; + `offset` (the image's first column in the
+ * atlas; 0 along y); to grid_sample's units over the table's `extent`. */
+static inline void axis_grid(double lo, double side, int64_t size, int area, int64_t offset,
+                             int64_t extent, double *grid) {
+    const double step = side / (double)size;
+    const int64_t count = size + area;
+    for (int64_t k = 0; k < count; ++k) {
+        const double at = area ? (double)k : (double)k + 0.5;
+        double v = lo + at * step;
+        v = v - (area ? 0.0 : 0.5);
+        v = v + 1.0;
+        v = v + (double)offset;
+        grid[k] = (2.0 * v + 1.0) / (double)extent - 1.0;
+    }
+}
+
 static int cut_range(const double *const tables[4], const int64_t height[4], const int64_t width[4],
                      const int64_t row_stride[4], const int64_t chan_stride[4], int64_t channels,
-                     const double *const grid_x[2], const double *const grid_y[2],
-                     const int64_t *case_, const float *scale, int64_t size, float *out,
-                     const int64_t out_strides[4], int64_t first, int64_t last, int fused) {
+                     const double *boxes, const int64_t *which, int64_t images,
+                     const int64_t *case_, int64_t size, float *out, const int64_t out_strides[4],
+                     int64_t first, int64_t last, int fused) {
     const int64_t points = size + 1;
     int64_t *low = malloc(2 * points * sizeof(int64_t));
-    double *buf = malloc((4 * points + channels * points * points) * sizeof(double));
+    double *buf = malloc((6 * points + channels * points * points) * sizeof(double));
     if (!low || !buf) {
         free(low);
         free(buf);
@@ -167,15 +186,24 @@ static int cut_range(const double *const tables[4], const int64_t height[4], con
     }
     int64_t *x_low = low, *y_low = low + points;
     double *x_frac = buf, *x_rest = buf + points, *y_frac = buf + 2 * points;
-    double *y_rest = buf + 3 * points, *samples = buf + 4 * points; /* [C, gy, gx] */
+    double *y_rest = buf + 3 * points, *grid_x = buf + 4 * points, *grid_y = buf + 5 * points;
+    double *samples = buf + 6 * points; /* [C, gy, gx] */
     for (int64_t k = first; k < last; ++k) {
         const int c_ = (int)case_[k];
         const int area_x = c_ & 1, area_y = (c_ >> 1) & 1;
         const int64_t gx = size + area_x, gy = size + area_y;
-        const int64_t x_inside =
-            locate(grid_x[area_x] + k * gx, gx, width[c_], fused, x_low, x_frac, x_rest);
-        const int64_t y_inside =
-            locate(grid_y[area_y] + k * gy, gy, height[c_], fused, y_low, y_frac, y_rest);
+        /* the box's sides, and the product of its bin sides along the box-filtered axes, whose
+         * inverse scales the bin sums, as region_crops computes them */
+        const double *box = boxes + 4 * k;
+        const double side_x = box[2] - box[0], side_y = box[3] - box[1];
+        const double bin_x = area_x ? side_x / (double)size : 1.0;
+        const double bin_y = area_y ? side_y / (double)size : 1.0;
+        const float f = (float)(1.0 / (bin_x * bin_y));
+        axis_grid(box[0], side_x, size, area_x, which[k] * (width[c_] / images), width[c_],
+                  grid_x);
+        axis_grid(box[1], side_y, size, area_y, 0, height[c_], grid_y);
+        const int64_t x_inside = locate(grid_x, gx, width[c_], fused, x_low, x_frac, x_rest);
+        const int64_t y_inside = locate(grid_y, gy, height[c_], fused, y_low, y_frac, y_rest);
         for (int64_t c = 0; c < channels; ++c) {
             const double *table = tables[c_] + c * chan_stride[c_];
             double *v = samples + c * gy * gx;
@@ -188,7 +216,7 @@ static int cut_range(const double *const tables[4], const int64_t height[4], con
         }
         float *dst = out + k * out_strides[0];
         for (int64_t c = 0; c < channels; ++c)
-            finish_channel(samples + c * gy * gx, gx, size, area_x, area_y, scale[k],
+            finish_channel(samples + c * gy * gx, gx, size, area_x, area_y, f,
                            dst + c * out_strides[1], out_strides[2], out_strides[3]);
     }
     free(low);
@@ -197,19 +225,18 @@ static int cut_range(const double *const tables[4], const int64_t height[4], con
 }
 
 /* Crops of a batch of N. Per crop k:
- *   case_[k]: bit 0 box filter along x, bit 1 along y; tables[case] is that case's float64 table
- *     [C, height, width] (rows row_stride apart, channels chan_stride apart);
- *   grid_x[a] (a = 0, 1): [N, size + a] normalised x coordinates in the table of a crop with
- *     area_x = a; grid_y likewise;
- *   scale[k]: the float32 factor of a box-filtered crop;
+ *   boxes[k]: float64 x0, y0, x1, y1 in pixels of image which[k] (of `images` in the atlas);
+ *   case_[k]: bit 0 box filter along x, bit 1 along y; tables[case] is that case's float64 atlas
+ *     table [C, height, width] (rows row_stride apart, channels chan_stride apart; `images`
+ *     images side by side, width / images columns each);
  * written to out + k * out_strides[0] + c * out_strides[1] + i * out_strides[2] + j * ...[3],
  * over `threads` OpenMP threads. `fused` picks the samples' variant. Returns 0, or -1 when scratch
  * memory could not be had. */
 int vild_cut_crops(const double *const tables[4], const int64_t height[4], const int64_t width[4],
                    const int64_t row_stride[4], const int64_t chan_stride[4], int64_t channels,
-                   const double *const grid_x[2], const double *const grid_y[2],
-                   const int64_t *case_, const float *scale, int64_t size, float *out,
-                   const int64_t out_strides[4], int64_t n, int64_t threads, int fused) {
+                   const double *boxes, const int64_t *which, int64_t images,
+                   const int64_t *case_, int64_t size, float *out, const int64_t out_strides[4],
+                   int64_t n, int64_t threads, int fused) {
     int failed = 0;
     if (threads < 1) threads = 1;
     if (threads > n) threads = n > 0 ? n : 1;
@@ -217,8 +244,8 @@ int vild_cut_crops(const double *const tables[4], const int64_t height[4], const
 #pragma omp parallel for num_threads((int)threads) schedule(static) reduction(| : failed)
 #endif
     for (int64_t part = 0; part < threads; ++part) {
-        failed |= cut_range(tables, height, width, row_stride, chan_stride, channels, grid_x,
-                            grid_y, case_, scale, size, out, out_strides, n * part / threads,
+        failed |= cut_range(tables, height, width, row_stride, chan_stride, channels, boxes, which,
+                            images, case_, size, out, out_strides, n * part / threads,
                             n * (part + 1) / threads, fused) != 0;
     }
     return failed ? -1 : 0;
