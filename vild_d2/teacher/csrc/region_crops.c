@@ -42,7 +42,7 @@ void vild_cumulative(const double *src, double *dst, int64_t outer, int64_t leng
         for (int64_t i = 0; i < inner; ++i) d[i] = 0.0;
         for (int64_t k = 0; k < length; ++k) {
             const double *row = s + k * inner;
-            const double *prev = d + k * inner;
+            double *prev = d + k * inner;
             double *next = prev + inner;
             /* the first row is 0 + x, which is x exactly, as torch's running sum from 0 gives */
             for (int64_t i = 0; i < inner; ++i) next[i] = prev[i] + row[i];
