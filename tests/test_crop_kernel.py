@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from vild_d2.teacher import crop_kernel
-from vild_d2.teacher.region_crops import _cumulative, clip_boxes_to_image, crop_regions_batch
+from vild_d2.teacher.loader import CLIP_MEAN, CLIP_STD, ClipInfo
+from vild_d2.teacher.region_crops import (
+    _cumulative,
+    clip_boxes_to_image,
+    crop_regions_batch,
+    normalize_for_clip,
+)
 
 
 @pytest.fixture
@@ -72,6 +78,18 @@ def test_kernel_cumulative_sums_are_torchs(kernel, monkeypatch, dim):
     slow = _cumulative(table, dim)
     assert fast.shape == slow.shape
     assert torch.equal(fast.view(torch.int64), slow.view(torch.int64))
+
+
+def test_kernel_normalisation_is_torchs(kernel, monkeypatch):
+    # every uint8 value in every channel, and a transposed (strided) image
+    image = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).repeat(3, 1, 1)
+    info = ClipInfo("test", "0" * 16, 32, 8, 77, CLIP_MEAN, CLIP_STD, None)
+    fast = [normalize_for_clip(im, info) for im in (image, image.transpose(1, 2))]
+    _torch_path(monkeypatch)
+    slow = [normalize_for_clip(im, info) for im in (image, image.transpose(1, 2))]
+    for a, b in zip(fast, slow):
+        assert a.dtype == b.dtype == torch.float32
+        assert torch.equal(_bits(a), _bits(b))
 
 
 def test_kernel_samples_match_torchs_grid_sample(kernel):

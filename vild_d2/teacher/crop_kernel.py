@@ -96,6 +96,8 @@ def _open(compiler: str) -> ctypes.CDLL:
 def _declare(lib: ctypes.CDLL) -> None:
     lib.vild_cumulative.restype = None
     lib.vild_cumulative.argtypes = [_p, _p, _i64, _i64, _i64]
+    lib.vild_normalize_u8.restype = None
+    lib.vild_normalize_u8.argtypes = [_p] + [_i64] * 6 + [_p, _p, _p]
     lib.vild_pad_replicate.restype = None
     lib.vild_pad_replicate.argtypes = [_p] + [_i64] * 6 + [_p] + [_i64] * 4
     lib.vild_cut_crops.restype = ctypes.c_int
@@ -176,6 +178,17 @@ def cumulative(table: torch.Tensor, dim: int) -> torch.Tensor:
     shape[dim] += 1
     out = table.new_empty(shape)
     kernel().vild_cumulative(table.data_ptr(), out.data_ptr(), outer, table.shape[dim], inner)
+    return out
+
+
+def normalize_u8(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """A uint8 CPU image [C, H, W] as ``(image / 255 - mean) / std`` in float32, in one pass."""
+    out = torch.empty(image.shape, dtype=torch.float32)
+    m = torch.tensor(mean, dtype=torch.float32)
+    s = torch.tensor(std, dtype=torch.float32)
+    kernel().vild_normalize_u8(
+        image.data_ptr(), *image.shape, *image.stride(), m.data_ptr(), s.data_ptr(), out.data_ptr()
+    )
     return out
 
 

@@ -50,6 +50,21 @@ void vild_cumulative(const double *src, double *dst, int64_t outer, int64_t leng
     }
 }
 
+/* dst [C, h, w] (contiguous) = the uint8 image src [C, h, w] (strides src_sc, src_sh, src_sw)
+ * normalised as region_crops.normalize_for_clip does in float32: (x / 255 - mean[c]) / std[c]. */
+void vild_normalize_u8(const uint8_t *src, int64_t channels, int64_t h, int64_t w, int64_t src_sc,
+                       int64_t src_sh, int64_t src_sw, const float *mean, const float *std,
+                       float *dst) {
+    for (int64_t c = 0; c < channels; ++c) {
+        const float m = mean[c], s = std[c];
+        for (int64_t y = 0; y < h; ++y) {
+            const uint8_t *row = src + c * src_sc + y * src_sh;
+            float *out = dst + (c * h + y) * w;
+            for (int64_t x = 0; x < w; ++x) out[x] = ((float)row[x * src_sw] / 255.0f - m) / s;
+        }
+    }
+}
+
 /* dst [C, dst_h, dst_w] (strides dst_sc, dst_sh, 1) = the float32 image src [C, h, w] (strides
  * src_sc, src_sh, src_sw) in float64, its edge rows and columns repeated outwards: one row and
  * column before it, and after it up to dst_h and dst_w (F.pad's "replicate"). */
