@@ -46,7 +46,10 @@ def _problem(g, size):
         xy = torch.rand(m, 2, generator=g) * torch.tensor([w, h])
         wh = torch.rand(m, 2, generator=g) * torch.tensor([w, h]) * 1.5
         b = torch.cat([torch.cat([xy, xy + wh], 1), torch.tensor([[0.0, 0, w, h]])])
-        boxes.append(clip_boxes_to_image(b, (h, w)))
+        b = clip_boxes_to_image(b, (h, w))
+        # and boxes that were not clipped: reversed, and reaching past the image
+        b = torch.cat([b, b[:2].flip(1), torch.tensor([[-3.5, w + 2.0, w + 9.0, -1.0]])])
+        boxes.append(b)
     return images, boxes, size
 
 
@@ -68,6 +71,18 @@ def test_kernel_crops_have_the_torch_paths_bits(kernel, monkeypatch, layout):
             assert torch.equal(_bits(fast), _bits(slow)), f"problem {k}: {size} px crops differ"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_images_and_out_of_the_wrong_shape_are_refused():
+    box = [torch.tensor([[0.0, 0, 4, 4]])]
+    with pytest.raises(ValueError, match="H, W > 0"):
+        crop_regions_batch([torch.rand(3, 6, 6), torch.rand(3, 0, 6)], box * 2, 4)
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        crop_regions_batch([torch.rand(3, 6, 6), torch.rand(1, 6, 6)], box * 2, 4)
+    with pytest.raises(ValueError, match="out must be"):
+        crop_regions_batch(
+            [torch.rand(3, 6, 6)], [torch.rand(2, 4) * 5], 4, out=torch.empty(1, 3, 4, 4)
+        )
 
 
 @pytest.mark.parametrize("dim", [0, 1, 2, 3])

@@ -73,6 +73,7 @@ def _compile(compiler: str, flags: Sequence[str], path: str) -> None:
             raise OSError(f"cannot run the C compiler '{compiler}' ({e})") from e
         if done.returncode:
             raise OSError(f"'{' '.join(cmd)}' failed: {done.stderr.strip()[:300]}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of the cache out
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -196,7 +197,11 @@ def pad_replicate(image: torch.Tensor, dst: torch.Tensor) -> None:
     """``dst`` [C, H, W] (float64, unit stride along W) = float32 ``image`` [C, h, w] with one
     repeated edge row and column before it and as many as fill ``dst`` after it."""
     kernel().vild_pad_replicate(
-        image.data_ptr(), *image.shape, *image.stride(), dst.data_ptr(), *dst.shape[1:],
+        image.data_ptr(),
+        *image.shape,
+        *image.stride(),
+        dst.data_ptr(),
+        *dst.shape[1:],
         *dst.stride()[:2],
     )
 

@@ -113,16 +113,27 @@ def crop_regions_batch(
     ``MAX_ATLAS_PIXELS`` pixels (more images are cut in groups) and a ``grid_sample`` call samples
     at most ``MAX_SAMPLES_PER_CALL`` points.
     """
+    channels = images[0].shape[0] if images and images[0].dim() == 3 else 3
     for image in images:
-        if image.dim() != 3 or not image.is_floating_point():
+        if (
+            image.dim() != 3
+            or not image.is_floating_point()
+            or image.shape[0] != channels
+            or 0 in image.shape
+        ):
             raise ValueError(
-                f"expected float images [3, H, W], got {image.dtype} {tuple(image.shape)}"
+                f"expected float images [{channels}, H, W] with H, W > 0, got {image.dtype} "
+                f"{tuple(image.shape)}"
             )
     device, dtype = images[0].device, images[0].dtype
-    channels = images[0].shape[0]
     counts = [len(b) for b in boxes]
     if out is None:
         out = torch.empty(sum(counts), channels, size, size, device=device, dtype=dtype)
+    elif out.shape != (sum(counts), channels, size, size) or out.device != device:
+        raise ValueError(
+            f"out must be [{sum(counts)}, {channels}, {size}, {size}] on {device}, got "
+            f"{tuple(out.shape)} on {out.device}"
+        )
     if not sum(counts):
         return out
     height = max(im.shape[1] for im in images)
@@ -154,7 +165,7 @@ def crop_regions_batch(
             pad = (1, width - im.shape[2] + 1, 1, height - im.shape[1] + 1)
             padded[:, :, k].copy_(F.pad(im[None], pad, mode="replicate")[0])
     b = torch.cat(boxes).to(device, torch.float64)
-    which = torch.from_numpy(np.repeat(np.arange(n), counts)).to(device)
+    which = torch.from_numpy(np.repeat(np.arange(n, dtype=np.int64), counts)).to(device)
     side = b[:, 2:] - b[:, :2]
     shrunk = side > size  # per axis (x, y): box filter, else bilinear
     case = shrunk[:, 0].long() + 2 * shrunk[:, 1].long()

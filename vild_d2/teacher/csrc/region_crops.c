@@ -84,13 +84,14 @@ void vild_pad_replicate(const float *src, int64_t channels, int64_t h, int64_t w
 }
 
 /* One axis of a crop: for each of `count` normalised coordinates, the index of the low neighbour,
- * the distances to it (`frac`) and to the high one (`rest`); returns how many leading points have
- * their high neighbour inside the table (locations grow along the axis, so these come first). */
+ * the distances to it (`frac`) and to the high one (`rest`), and whether the high one is inside
+ * the table (`inside`); returns how many leading points have it inside (all but the last few when
+ * the coordinates grow along the axis, as they do for a box with lo <= hi). */
 static inline int64_t locate(const double *grid, int64_t count, int64_t size, int fused,
-                             int64_t *low, double *frac, double *rest) {
+                             int64_t *low, double *frac, double *rest, unsigned char *inside) {
     const double scaling = (double)size / 2;
     const double max_val = (double)(size - 1);
-    int64_t inside = 0;
+    int64_t prefix = 0;
     for (int64_t k = 0; k < count; ++k) {
         double x = fused ? fma(grid[k] + 1.0, scaling, -0.5) : (grid[k] + 1.0) * scaling - 0.5;
         x = x > 0.0 ? x : 0.0;
@@ -99,9 +100,10 @@ static inline int64_t locate(const double *grid, int64_t count, int64_t size, in
         low[k] = (int64_t)fl;
         frac[k] = x - fl;
         rest[k] = 1.0 - frac[k];
-        inside += low[k] + 1 < size;
+        inside[k] = low[k] + 1 < size;
+        prefix += (prefix == k) & inside[k];
     }
-    return inside;
+    return prefix;
 }
 
 static inline double blend(double nw_val, double ne_val, double sw_val, double se_val, double nw,
@@ -115,35 +117,45 @@ static inline double blend(double nw_val, double ne_val, double sw_val, double s
     return nw_val * nw + ne_val * ne + sw_val * sw + se_val * se;
 }
 
-/* Samples of one channel: rows [gy] x columns [gx] of `table`, into `dst`. */
+/* Samples of one channel on the lattice rows [gy] x columns [gx] of `table` (rows row_stride
+ * apart), into dst [gy, gx]. Rows before y_prefix and columns before x_prefix have their high
+ * neighbours inside the table; the others are checked point by point. */
 static inline void sample_channel(const double *table, int64_t row_stride, const int64_t *y_low,
-                                  const double *y_frac, const double *y_rest, int64_t gy,
-                                  int64_t y_inside, const int64_t *x_low, const double *x_frac,
-                                  const double *x_rest, int64_t gx, int64_t x_inside, int fused,
-                                  double *dst) {
+                                  const double *y_frac, const double *y_rest,
+                                  const unsigned char *y_in, int64_t gy, int64_t y_prefix,
+                                  const int64_t *x_low, const double *x_frac, const double *x_rest,
+                                  const unsigned char *x_in, int64_t gx, int64_t x_prefix,
+                                  int fused, double *dst) {
     for (int64_t i = 0; i < gy; ++i) {
         const double *north = table + y_low[i] * row_stride;
         const double *south = north + row_stride;
         const double n = y_frac[i], s = y_rest[i];
         double *row = dst + i * gx;
-        if (i < y_inside) {
-            for (int64_t j = 0; j < x_inside; ++j) {
+        if (i < y_prefix) {
+            for (int64_t j = 0; j < x_prefix; ++j) {
                 const int64_t xw = x_low[j];
                 const double w = x_frac[j], e = x_rest[j];
                 row[j] = blend(north[xw], north[xw + 1], south[xw], south[xw + 1], s * e, s * w,
                                n * e, n * w, fused);
             }
-            for (int64_t j = x_inside; j < gx; ++j) {
+            for (int64_t j = x_prefix; j < gx; ++j) {
                 const int64_t xw = x_low[j];
                 const double w = x_frac[j], e = x_rest[j];
-                row[j] = blend(north[xw], 0.0, south[xw], 0.0, s * e, s * w, n * e, n * w, fused);
+                const double ne_val = x_in[j] ? north[xw + 1] : 0.0;
+                const double se_val = x_in[j] ? south[xw + 1] : 0.0;
+                row[j] = blend(north[xw], ne_val, south[xw], se_val, s * e, s * w, n * e, n * w,
+                               fused);
             }
         } else {
+            const int south_in = y_in[i];
             for (int64_t j = 0; j < gx; ++j) {
                 const int64_t xw = x_low[j];
                 const double w = x_frac[j], e = x_rest[j];
-                const double ne_val = j < x_inside ? north[xw + 1] : 0.0;
-                row[j] = blend(north[xw], ne_val, 0.0, 0.0, s * e, s * w, n * e, n * w, fused);
+                const double ne_val = x_in[j] ? north[xw + 1] : 0.0;
+                const double sw_val = south_in ? south[xw] : 0.0;
+                const double se_val = (south_in && x_in[j]) ? south[xw + 1] : 0.0;
+                row[j] = blend(north[xw], ne_val, sw_val, se_val, s * e, s * w, n * e, n * w,
+                               fused);
             }
         }
     }
@@ -194,11 +206,14 @@ static int cut_range(const double *const tables[4], const int64_t height[4], con
     const int64_t points = size + 1;
     int64_t *low = malloc(2 * points * sizeof(int64_t));
     double *buf = malloc((6 * points + channels * points * points) * sizeof(double));
-    if (!low || !buf) {
+    unsigned char *in = malloc(2 * points);
+    if (!low || !buf || !in) {
         free(low);
         free(buf);
+        free(in);
         return -1;
     }
+    unsigned char *x_in = in, *y_in = in + points;
     int64_t *x_low = low, *y_low = low + points;
     double *x_frac = buf, *x_rest = buf + points, *y_frac = buf + 2 * points;
     double *y_rest = buf + 3 * points, *grid_x = buf + 4 * points, *grid_y = buf + 5 * points;
@@ -217,17 +232,19 @@ static int cut_range(const double *const tables[4], const int64_t height[4], con
         axis_grid(box[0], side_x, size, area_x, which[k] * (width[c_] / images), width[c_],
                   grid_x);
         axis_grid(box[1], side_y, size, area_y, 0, height[c_], grid_y);
-        const int64_t x_inside = locate(grid_x, gx, width[c_], fused, x_low, x_frac, x_rest);
-        const int64_t y_inside = locate(grid_y, gy, height[c_], fused, y_low, y_frac, y_rest);
+        const int64_t x_prefix =
+            locate(grid_x, gx, width[c_], fused, x_low, x_frac, x_rest, x_in);
+        const int64_t y_prefix =
+            locate(grid_y, gy, height[c_], fused, y_low, y_frac, y_rest, y_in);
         for (int64_t c = 0; c < channels; ++c) {
             const double *table = tables[c_] + c * chan_stride[c_];
             double *v = samples + c * gy * gx;
             if (fused)
-                sample_channel(table, row_stride[c_], y_low, y_frac, y_rest, gy, y_inside, x_low,
-                               x_frac, x_rest, gx, x_inside, 1, v);
+                sample_channel(table, row_stride[c_], y_low, y_frac, y_rest, y_in, gy, y_prefix,
+                               x_low, x_frac, x_rest, x_in, gx, x_prefix, 1, v);
             else
-                sample_channel(table, row_stride[c_], y_low, y_frac, y_rest, gy, y_inside, x_low,
-                               x_frac, x_rest, gx, x_inside, 0, v);
+                sample_channel(table, row_stride[c_], y_low, y_frac, y_rest, y_in, gy, y_prefix,
+                               x_low, x_frac, x_rest, x_in, gx, x_prefix, 0, v);
         }
         float *dst = out + k * out_strides[0];
         for (int64_t c = 0; c < channels; ++c)
@@ -236,6 +253,7 @@ static int cut_range(const double *const tables[4], const int64_t height[4], con
     }
     free(low);
     free(buf);
+    free(in);
     return 0;
 }
 
@@ -274,16 +292,17 @@ void vild_sample_lattice(const double *table, int64_t h, int64_t w, int64_t row_
                          double *dst) {
     int64_t *low = malloc((ngx + ngy) * sizeof(int64_t));
     double *buf = malloc(2 * (ngx + ngy) * sizeof(double));
-    if (!low || !buf) {
-        free(low);
-        free(buf);
-        return;
+    unsigned char *in = malloc(ngx + ngy);
+    if (low && buf && in) {
+        double *x_frac = buf, *x_rest = buf + ngx, *y_frac = buf + 2 * ngx;
+        double *y_rest = buf + 2 * ngx + ngy;
+        const int64_t x_prefix = locate(gx, ngx, w, fused, low, x_frac, x_rest, in);
+        const int64_t y_prefix =
+            locate(gy, ngy, h, fused, low + ngx, y_frac, y_rest, in + ngx);
+        sample_channel(table, row_stride, low + ngx, y_frac, y_rest, in + ngx, ngy, y_prefix, low,
+                       x_frac, x_rest, in, ngx, x_prefix, fused, dst);
     }
-    const int64_t x_inside = locate(gx, ngx, w, fused, low, buf, buf + ngx);
-    const int64_t y_inside =
-        locate(gy, ngy, h, fused, low + ngx, buf + 2 * ngx, buf + 2 * ngx + ngy);
-    sample_channel(table, row_stride, low + ngx, buf + 2 * ngx, buf + 2 * ngx + ngy, ngy, y_inside,
-                   low, buf, buf + ngx, ngx, x_inside, fused, dst);
     free(low);
     free(buf);
+    free(in);
 }
