@@ -276,8 +276,7 @@ def grow_boxes(
 ) -> torch.Tensor:
     """``boxes`` [M, 4] grown by each of ``scales`` and clipped: [len(scales) * M, 4], scale-major
     (all boxes at scales[0] first)."""
-    boxes = boxes.float()
-    return torch.cat([expand_boxes(boxes, float(s), image_size) for s in scales])
+    return grow_boxes_of_images([boxes], scales, [image_size])[0]
 
 
 def grow_boxes_of_images(

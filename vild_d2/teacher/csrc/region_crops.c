@@ -19,9 +19,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* dst [outer, length + 1, inner] = cumulative sums of src [outer, length, inner] along the middle
  * axis, preceded by a zero (both contiguous). */
@@ -239,6 +236,7 @@ static int cut_range(const double *const tables[4], const int64_t height[4], con
         for (int64_t c = 0; c < channels; ++c) {
             const double *table = tables[c_] + c * chan_stride[c_];
             double *v = samples + c * gy * gx;
+            /* `fused` as a constant in each call, so that each variant's loop is compiled alone */
             if (fused)
                 sample_channel(table, row_stride[c_], y_low, y_frac, y_rest, y_in, gy, y_prefix,
                                x_low, x_frac, x_rest, x_in, gx, x_prefix, 1, v);
