@@ -11,7 +11,10 @@ setup(
     version="0.1.0",
     description="ViLD open-vocabulary object detection as a detectron2 extension",
     packages=find_packages(include=["vild_d2", "vild_d2.*"]),
-    package_data={"vild_d2.teacher": ["csrc/*.c"]},  # compiled on first use (crop_kernel.py)
+    package_data={
+        "vild_d2.distill": ["csrc/*.c"],  # the crop kernel, compiled on first use (crop_kernel.py)
+        "vild_d2.data": ["metadata/*.json"],  # the open-vocabulary class splits
+    },
     python_requires=">=3.9",
     install_requires=[
         "torch>=1.13",

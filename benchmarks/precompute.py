@@ -31,11 +31,13 @@ import torch
 from clip.model import CLIP
 from PIL import Image
 
-from vild_d2.data.shapes_world import WorldConfig, ensure_world
-from vild_d2.engine.precompute import ImageReader, RegionEncoder, image_loader
-from vild_d2.teacher import TeacherConfig, build_teacher_model, load_clip
+from vild_d2.shapes_world.generator import WorldConfig, ensure_world
+from vild_d2.distill.images import ImageReader, image_loader
+from vild_d2.distill.region_encoder import RegionEncoder
+from vild_d2.shapes_world import TeacherConfig, build_teacher_model
+from vild_d2.teacher import load_clip
 from vild_d2.teacher.loader import CLIP_MEAN, CLIP_STD, ClipInfo
-from vild_d2.teacher.region_crops import expand_boxes
+from vild_d2.distill.region_crops import expand_boxes
 
 SCALES = (1.0, 1.5)
 

@@ -19,7 +19,7 @@ warnings.filterwarnings(
 )
 warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*", category=UserWarning)
 
-from vild_d2.data.shapes_world import (  # noqa: E402
+from vild_d2.shapes_world.generator import (  # noqa: E402
     WorldConfig,
     WorldError,
     default_world_dir,

@@ -7,7 +7,7 @@ from detectron2.data import transforms as T
 
 from vild_d2 import add_vild_config
 from vild_d2.data.distill_mapper import DistillDatasetMapper
-from vild_d2.data.embedding_cache import CacheEntry, CacheError, EmbeddingCache, write_cache
+from vild_d2.distill.embedding_cache import CacheEntry, CacheError, EmbeddingCache, write_cache
 
 from voc_fixtures import write_voc_tree
 

@@ -19,12 +19,13 @@ from detectron2.data.detection_utils import read_image
 
 from vild_d2 import add_vild_config
 from vild_d2.data.distill_mapper import DistillDatasetMapper
-from vild_d2.data.embedding_cache import CacheError, EmbeddingCache
-from vild_d2.data.shapes_world import WorldConfig, ensure_world
-from vild_d2.engine.precompute import RegionEncoder, cast_for_precision, resolve_precision
+from vild_d2.distill.embedding_cache import CacheError, EmbeddingCache
+from vild_d2.shapes_world.generator import WorldConfig, ensure_world
+from vild_d2.distill.precision import cast_for_precision, resolve_precision
+from vild_d2.distill.region_encoder import RegionEncoder
 from vild_d2.teacher import clip_normalize, load_clip
-from vild_d2.teacher.crops import CropBank, fixed_crops
-from vild_d2.teacher.region_crops import crops_for_clip, expand_boxes
+from vild_d2.shapes_world.teacher_crops import CropBank, fixed_crops
+from vild_d2.distill.region_crops import crops_for_clip, expand_boxes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "precompute_clip_embeddings.py")
@@ -337,12 +338,15 @@ def test_fp16_cast_is_clips_own_and_runs(tower):
     assert F.cosine_similarity(out.float(), reference, dim=1).min() > 0.999
 
 
-def test_precision_resolution():
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bf16"), (False, True, "bf16"),
+                                                        (False, False, "fp32")])
+def test_precision_resolution(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_precision("auto", "cpu") == expected
     assert resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
     assert resolve_precision("auto", "cuda") == "fp16"
-    cpu_has_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_bf16 else "fp32")
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         resolve_precision("fp16", "cpu")
     with pytest.raises(ValueError, match="'fp8' is not one of"):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from vild_d2.data.cache_writer import CacheWriter, make_chunks
-from vild_d2.data.embedding_cache import CacheEntry, CacheError, EmbeddingCache, write_cache
-from vild_d2.engine.precompute import select_proposals
+from vild_d2.distill.cache_writer import CacheWriter, make_chunks
+from vild_d2.distill.embedding_cache import CacheEntry, CacheError, EmbeddingCache, write_cache
+from vild_d2.distill.proposals import select_proposals
 from vild_d2.teacher.loader import CLIP_MEAN, CLIP_STD, ClipInfo, clip_normalize
-from vild_d2.teacher.region_crops import (
+from vild_d2.distill.region_crops import (
     clip_boxes_to_image,
     crop_regions,
     crop_regions_batch,
@@ -234,19 +234,26 @@ def test_box_filter_keeps_one_pixels_precision_in_a_large_image():
 
 
 def test_crops_cut_in_several_calls_equal_crops_cut_in_one(monkeypatch):
-    import vild_d2.teacher.region_crops as region_crops
-    from vild_d2.teacher import crop_kernel
+    import torch.nn.functional as F
+
+    import vild_d2.distill.region_crops as region_crops
+    from vild_d2.distill import crop_kernel
 
     # the limit is the torch path's (grid_sample's temporaries); the kernel has none
     monkeypatch.setattr(crop_kernel, "kernel", lambda: None)
+    calls = []
+    grid_sample = F.grid_sample
+    monkeypatch.setattr(F, "grid_sample", lambda *a, **k: calls.append(len(a[1])) or grid_sample(*a, **k))
 
     g = torch.Generator().manual_seed(3)
     images = [torch.rand(3, 50, 40, generator=g), torch.rand(3, 30, 70, generator=g)]
     boxes = [torch.tensor([[0.0, 0, 40, 50], [5, 5, 9, 9], [1, 2, 39, 6]]),
              torch.tensor([[3.0, 1, 69, 29], [0, 0, 7, 30], [10, 10, 20, 20], [2, 2, 60, 12]])]
     one_call = crop_regions_batch(images, boxes, 8)
+    calls_before = len(calls)
     monkeypatch.setattr(region_crops, "MAX_SAMPLES_PER_CALL", 100)  # one crop per call
     assert torch.equal(crop_regions_batch(images, boxes, 8), one_call)
+    assert len(calls) - calls_before > calls_before  # the limit did split the sampling
 
 
 @pytest.mark.parametrize("path", ["kernel", "torch"])
@@ -254,7 +261,7 @@ def test_crops_sampled_over_several_threads_equal_crops_sampled_over_one(monkeyp
     # crops are split into one part per thread; 7 crops of one kind over 3 threads leave the last
     # part short (on the torch path it is filled with copies that must not reach the output)
     if path == "torch":
-        from vild_d2.teacher import crop_kernel
+        from vild_d2.distill import crop_kernel
 
         monkeypatch.setattr(crop_kernel, "kernel", lambda: None)
     g = torch.Generator().manual_seed(5)
@@ -278,7 +285,7 @@ def test_crops_sampled_over_several_threads_equal_crops_sampled_over_one(monkeyp
 
 
 def test_images_cut_in_groups_equal_images_cut_in_one_atlas(monkeypatch):
-    import vild_d2.teacher.region_crops as region_crops
+    import vild_d2.distill.region_crops as region_crops
 
     g = torch.Generator().manual_seed(4)
     images = [torch.rand(3, h, w, generator=g) for h, w in ((50, 40), (30, 70), (20, 20), (60, 60))]
@@ -286,7 +293,11 @@ def test_images_cut_in_groups_equal_images_cut_in_one_atlas(monkeypatch):
              (im.shape for im in images)]
     one_atlas = crop_regions_batch(images, boxes, 8)
     monkeypatch.setattr(region_crops, "MAX_ATLAS_PIXELS", 5000)  # about two images per group
-    torch.testing.assert_close(crop_regions_batch(images, boxes, 8), one_atlas, rtol=0, atol=1e-6)
+    groups = []
+    cut = region_crops.crop_regions_batch
+    monkeypatch.setattr(region_crops, "crop_regions_batch", lambda ims, *a, **k: groups.append(len(ims)) or cut(ims, *a, **k))
+    torch.testing.assert_close(region_crops.crop_regions_batch(images, boxes, 8), one_atlas, rtol=0, atol=1e-6)
+    assert groups[0] == 4 and len(groups) > 2 and max(groups[1:]) < 4  # the images were cut in groups
 
 
 def test_a_float16_image_is_box_filtered_without_overflow():

@@ -14,9 +14,9 @@ from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation.pascal_voc_evaluation import parse_rec
-from vild_d2.data import shapes_world
+from vild_d2.shapes_world import generator as shapes_world
 from vild_d2.data.datasets import register_shapes_ovd
-from vild_d2.data.shapes_world import (
+from vild_d2.shapes_world.generator import (
     CLASS_NAMES,
     IMAGE_SETS,
     WorldConfig,
@@ -205,7 +205,7 @@ def test_interrupted_run_leaves_old_tree(tmp_path, monkeypatch):
 def test_killed_run_is_not_taken_for_complete(tmp_path):
     out = str(tmp_path / "w")
     script = textwrap.dedent(f"""
-        from vild_d2.data.shapes_world import WorldConfig, ensure_world
+        from vild_d2.shapes_world.generator import WorldConfig, ensure_world
         cfg = WorldConfig(num_trainval=5000, num_test=2, num_teacher=0, image_size=64)
         ensure_world({out!r}, cfg, progress=False, workers=1)
         """)

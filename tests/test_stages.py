@@ -80,14 +80,3 @@ def test_a_failed_parallel_stage_is_raised_after_the_others_finish(tmp_path):
         runner.run_parallel([dict(name="a", key={}, fn=lambda: done.append(1) or {"ok": 1}),
                              dict(name="b", key={}, fn=fail)], workers=2)
     assert done == [1] and "a" in runner.digests and "b" not in runner.digests
-
-
-def test_config_digest_follows_the_base_chain(tmp_path):
-    from vild_d2.pipeline.run import config_digest
-
-    (tmp_path / "base.yaml").write_text("SOLVER:\n  BASE_LR: 0.1\n")
-    (tmp_path / "leaf.yaml").write_text('_BASE_: "base.yaml"\nMODEL:\n  VILD:\n    MODE: "vild"\n')
-    before = config_digest(str(tmp_path / "leaf.yaml"))
-    assert config_digest(str(tmp_path / "leaf.yaml")) == before
-    (tmp_path / "base.yaml").write_text("SOLVER:\n  BASE_LR: 0.2\n")  # an edited base retrains
-    assert config_digest(str(tmp_path / "leaf.yaml")) != before

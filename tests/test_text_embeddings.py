@@ -3,9 +3,11 @@ import os
 import subprocess
 import sys
 
+import clip
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from clip.model import CLIP
 
 from vild_d2.teacher.text_embeddings import load_precomputed, text_embeddings_for
@@ -22,15 +24,26 @@ def tiny_clip(tmp_path_factory):
     return str(path)
 
 
-def test_prompt_ensemble_is_cached_and_unit_norm(tiny_clip, tmp_path):
+def test_prompt_ensemble_is_cached_and_unit_norm(tiny_clip, tmp_path, monkeypatch):
+    from vild_d2.teacher import loader
+
     names = ["red circle", "blue star"]
-    a = text_embeddings_for(tiny_clip, names, ["a photo of a {}.", "a {}."], cache_dir=str(tmp_path))
+    templates = ["a photo of a {}.", "a {}."]
+    a = text_embeddings_for(tiny_clip, names, templates, cache_dir=str(tmp_path))
     assert a.shape == (2, 32)
-    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+    # the ensemble: each template's embedding normalised, averaged over templates, renormalised
+    model, _ = loader.load_clip(tiny_clip)
+    with torch.no_grad():
+        per_template = torch.stack([F.normalize(model.encode_text(clip.tokenize([t.format(n) for n in names])).float(),
+                                                dim=-1) for t in templates])
+    np.testing.assert_allclose(a, F.normalize(per_template.mean(0), dim=-1).numpy(), atol=1e-6)
     files = sorted(os.listdir(tmp_path))
     assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".npy")
-    b = text_embeddings_for(tiny_clip, names, ["a photo of a {}.", "a {}."], cache_dir=str(tmp_path))
+    # the second call reads the cache: no model is loaded
+    monkeypatch.setattr(loader, "load_clip", lambda *a, **k: pytest.fail("the cache was not used"))
+    b = text_embeddings_for(tiny_clip, names, templates, cache_dir=str(tmp_path))
     np.testing.assert_array_equal(a, b)
+    monkeypatch.undo()
     single = text_embeddings_for(tiny_clip, names, ["a photo of a {}."], cache_dir=str(tmp_path))
     assert not np.allclose(a, single)  # another template set, another cache entry
     assert len(os.listdir(tmp_path)) == 4

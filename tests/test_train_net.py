@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from vild_d2.data.embedding_cache import CacheEntry, write_cache
-from vild_d2.data.shapes_world import CLASS_NAMES, WorldConfig, ensure_world
+from vild_d2.distill.embedding_cache import CacheEntry, write_cache
+from vild_d2.shapes_world.generator import CLASS_NAMES, WorldConfig, ensure_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
@@ -44,7 +44,7 @@ def tiny(tmp_path_factory):
 
 def _opts(tiny, extra=()):
     return [
-        "MODEL.DEVICE", "cpu", "MODEL.VILD.EMBED_DIM", str(DIM),
+        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.VILD.EMBED_DIM", str(DIM),
         "MODEL.VILD.TEXT_EMBEDDINGS_PATH", str(tiny / "text.npy"),
         "MODEL.VILD.DISTILL.CACHE_DIR", str(tiny / "cache"),
         "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
@@ -70,15 +70,19 @@ def test_a_few_iterations_lower_the_loss(tiny):
     from vild_d2.data.datasets import register_shapes_ovd
     from vild_d2.engine import ViLDTrainer
 
+    from detectron2.utils.env import seed_all_rng
+
     register_shapes_ovd(str(tiny / "datasets"), name="shapes_ovd", prefix="tinyloss")
     cfg = get_cfg()
     add_vild_config(cfg)
     cfg.merge_from_file(os.path.join(ROOT, "configs/shapes_ovd/vild.yaml"))
     cfg.merge_from_list(_opts(tiny, ["DATASETS.TRAIN", "('tinyloss_trainval_base',)",
                                      "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "30",
-                                     "SOLVER.BASE_LR", "0.01", "OUTPUT_DIR", str(tiny / "loss_run"),
-                                     "SOLVER.IMS_PER_BATCH", "4"]))
-    torch.manual_seed(0)
+                                     "SOLVER.OPTIMIZER", "SGD", "SOLVER.BASE_LR", "0.01",
+                                     "OUTPUT_DIR", str(tiny / "loss_run"), "SOLVER.IMS_PER_BATCH", "4",
+                                     "SEED", "0"]))
+    # the data order and flips come from numpy's global RNG, the weights from torch's
+    seed_all_rng(0)
     trainer = ViLDTrainer(cfg)
     trainer.train()
     losses = trainer.storage.history("total_loss").values()
@@ -91,15 +95,26 @@ def test_a_few_iterations_lower_the_loss(tiny):
 @pytest.mark.parametrize("mode", ["vild_text", "vild", "vild_image", "vild_ensemble"])
 def test_train_net_trains_and_evaluates_each_mode(tiny, mode):
     out_dir = str(tiny / mode)
-    log = _run(tiny, f"configs/shapes_ovd/{mode}.yaml",
-               ["SOLVER.MAX_ITER", "2", "OUTPUT_DIR", out_dir])
-    assert os.path.isfile(os.path.join(out_dir, "model_final.pth"))
+    summary = os.path.join(out_dir, "inference", "ovd_results_shapes_ovd_test.json")
+    _run(tiny, f"configs/shapes_ovd/{mode}.yaml", ["SOLVER.MAX_ITER", "2", "OUTPUT_DIR", out_dir])
+    assert torch.load(os.path.join(out_dir, "model_final.pth"), weights_only=False)["iteration"] == 1
+    os.remove(summary)  # written by the evaluation that ends the training; --eval-only writes it again
     # evaluation on the 16-class test vocabulary with the 12-class training checkpoint
     log = _run(tiny, f"configs/shapes_ovd/{mode}.yaml",
                ["MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth"), "OUTPUT_DIR", out_dir],
                args=["--eval-only"])
     assert "16-class vocabulary (4 novel)" in log
-    assert "AP50" in log
+    with open(summary) as f:
+        result = json.load(f)
+    ap = result["per_class_ap50"]
+    # classes without a box among the 4 test images have no AP and are left out of the means
+    assert set(ap) <= set(CLASS_NAMES) and len(ap) >= 4
+    assert result["metrics"]["AP50"] == pytest.approx(np.mean(list(ap.values())))
+    novel = result["novel_classes"]  # the novel classes with ground truth here
+    assert novel and set(novel) <= set(ap)
+    assert result["metrics"]["AP50_novel"] == pytest.approx(np.mean([ap[c] for c in novel]))
+    assert result["metrics"]["AP50_base"] == pytest.approx(np.mean([ap[c] for c in ap if c not in novel]))
+    assert 0 < result["model_seconds_per_image"] < 60
 
 
 def test_two_process_cpu_training(tiny):
@@ -107,30 +122,51 @@ def test_two_process_cpu_training(tiny):
     log = _run(tiny, "configs/shapes_ovd/vild.yaml",
                ["SOLVER.MAX_ITER", "2", "OUTPUT_DIR", out_dir, "DATASETS.TEST", "()"],
                args=["--num-gpus", "2"])
-    assert os.path.isfile(os.path.join(out_dir, "model_final.pth"))
+    assert torch.load(os.path.join(out_dir, "model_final.pth"), weights_only=False)["iteration"] == 1
     assert "World size: 2" in log
 
 
 def test_demo_with_a_custom_vocabulary_and_attributes(tiny):
+    from detectron2.data.detection_utils import read_image
+
+    from vild_d2.engine import OVDPredictor, load_cfg
+
     out_dir = str(tiny / "demo_model")
     _run(tiny, "configs/shapes_ovd/vild.yaml", ["SOLVER.MAX_ITER", "1", "OUTPUT_DIR", out_dir,
                                                  "DATASETS.TEST", "()"])
+    weights = os.path.join(out_dir, "model_final.pth")
+    opts = ["MODEL.VILD.EMBED_DIM", str(DIM), "MODEL.VILD.TEXT_EMBEDDINGS_PATH", str(tiny / "text.npy"),
+            "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96"]
+
+    # attributes: the same boxes as the objects alone, each scored p(object) x p(attribute)
+    objects, attributes = ["circle", "square", "triangle", "star"], ["red", "green", "blue", "yellow"]
+    cfg = load_cfg(os.path.join(ROOT, "configs/shapes_ovd/vild.yaml"),
+                   ["MODEL.WEIGHTS", weights, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", *opts])
+    image = read_image(str(tiny / "datasets" / "shapes_ovd" / "JPEGImages" / "test_000000.jpg"), format="BGR")
+    plain = OVDPredictor(cfg, objects)(image)
+    expanded = OVDPredictor(cfg, objects, attributes=attributes)(image)
+    p, a = plain["instances"], expanded["instances"]
+    assert len(a) > 0 and torch.equal(p.pred_boxes.tensor, a.pred_boxes.tensor)
+    assert torch.allclose(a.scores, p.scores * a.attribute_scores)
+    assert ((a.attribute_scores >= 1 / len(attributes)) & (a.attribute_scores <= 1)).all()
+    assert plain["labels"] == [objects[c] for c in p.pred_classes.tolist()]
+    assert expanded["labels"] == [f"{attributes[k]} {objects[c]}"
+                                  for k, c in zip(a.attributes.tolist(), a.pred_classes.tolist())]
+
+    # the tool: one picture per image, and its detections are the predictor's
     images = str(tiny / "datasets" / "shapes_ovd" / "JPEGImages")
     env = dict(os.environ, DETECTRON2_DATASETS=str(tiny / "datasets"))
     common = [sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--config-file",
-              os.path.join(ROOT, "configs/shapes_ovd/vild.yaml"), "--weights",
-              os.path.join(out_dir, "model_final.pth"), "--input", images, "--max-images", "2",
-              "--score-thresh", "0"]
-    opts = ["MODEL.VILD.EMBED_DIM", str(DIM), "MODEL.VILD.TEXT_EMBEDDINGS_PATH", str(tiny / "text.npy"),
-            "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96"]
-    for extra, label in ((["--vocabulary", "red circle,blue star"], None),
-                         (["--vocabulary", "circle,square,triangle,star", "--attributes",
-                           "red,green,blue,yellow"], "attributes")):
-        out = str(tiny / f"demo_out_{label}")
-        proc = subprocess.run([*common, "--output", out, *extra, *opts], env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert len(os.listdir(out)) == 2 and "detections" in proc.stdout
+              os.path.join(ROOT, "configs/shapes_ovd/vild.yaml"), "--weights", weights, "--input",
+              images, "--max-images", "2", "--score-thresh", "0"]
+    out = str(tiny / "demo_out")
+    proc = subprocess.run([*common, "--output", out, "--vocabulary", "red circle,blue star", *opts,
+                           "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["test_000000.png", "test_000001.png"]
+    first = OVDPredictor(cfg, ["red circle", "blue star"])(image)
+    assert f"test_000000.jpg: {len(first['instances'])} detections" in proc.stdout
     bad = subprocess.run([*common, "--output", str(tiny / "x"), "--vocabulary", "", *opts], env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "vocabulary" in bad.stderr.strip().splitlines()[-1]

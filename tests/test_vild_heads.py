@@ -91,7 +91,7 @@ def test_text_loss_weight_zero_disables_classification_loss():
 
 
 def test_l1_distillation_loss():
-    a = F.normalize(torch.randn(5, DIM), dim=-1)
+    a = F.normalize(torch.randn(5, DIM, generator=torch.Generator().manual_seed(0)), dim=-1)
     assert image_distillation_loss(a, a.clone()).item() == 0.0
     b = a.clone()
     b[0] += 0.5
@@ -156,6 +156,7 @@ def _roi_inputs(num_gt=2, num_distill=5):
 @pytest.mark.parametrize("mode", ["text", "vild", "image", "ensemble"])
 def test_roi_heads_losses_per_mode(tmp_path, mode):
     cfg = _roi_cfg(tmp_path, mode)
+    torch.manual_seed(0)  # the heads' initial weights
     heads = build_roi_heads(cfg, {"p2": ShapeSpec(channels=8, stride=4)})
     features, proposals, targets, distill = _roi_inputs()
     with EventStorage():
@@ -178,6 +179,7 @@ def test_roi_heads_losses_per_mode(tmp_path, mode):
 
 def test_distillation_rois_take_no_part_in_text_losses(tmp_path):
     cfg = _roi_cfg(tmp_path, "vild")
+    torch.manual_seed(0)  # the heads' initial weights
     heads = build_roi_heads(cfg, {"p2": ShapeSpec(channels=8, stride=4)})
     features, proposals, targets, distill = _roi_inputs()
     torch.manual_seed(5)
@@ -193,6 +195,7 @@ def test_distillation_rois_take_no_part_in_text_losses(tmp_path):
 
 def test_images_without_annotations_and_empty_distillation(tmp_path):
     cfg = _roi_cfg(tmp_path, "vild")
+    torch.manual_seed(0)  # the heads' initial weights
     heads = build_roi_heads(cfg, {"p2": ShapeSpec(channels=8, stride=4)})
     features, proposals, targets, distill = _roi_inputs(num_gt=0, num_distill=0)
     with EventStorage():
@@ -204,6 +207,7 @@ def test_images_without_annotations_and_empty_distillation(tmp_path):
 def test_background_rois_on_unlabelled_objects_leave_the_text_loss(tmp_path):
     cfg = _roi_cfg(tmp_path, "vild")
     cfg.MODEL.VILD.UNLABELLED_OBJECTNESS = 0.5
+    torch.manual_seed(0)  # the heads' initial weights
     heads = build_roi_heads(cfg, {"p2": ShapeSpec(channels=8, stride=4)})
     props = Instances((64, 64))
     # labelled object, background RoI on an unlabelled object, plain background RoI
@@ -250,18 +254,30 @@ def test_iot_assigns_a_box_inside_a_large_proposal(tmp_path):
 
 def test_ensemble_heads_read_alone(tmp_path):
     cfg = _roi_cfg(tmp_path, "ensemble")
+    cfg.MODEL.VILD.TEMPERATURE = 1.0  # no probability is a denormal
+    cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST = 1.0  # every (box, class) pair is a detection
     shape = {"p2": ShapeSpec(channels=8, stride=4)}
     features, proposals, _, _ = _roi_inputs()
-    scores = {}
+    novel = torch.tensor([False, True, False])
     for head in ("ensemble", "text", "image"):
         cfg.MODEL.VILD.ENSEMBLE_TEST_HEAD = head
         torch.manual_seed(0)
         heads = build_roi_heads(cfg, shape).eval()
+        predictor = heads.box_predictor
+        predictor.set_vocabulary(predictor.text_embeddings, novel)
         with torch.no_grad():
             out, _ = heads(None, features, [p[:] for p in proposals])
-        scores[head] = out[0].scores.sort().values
-    assert not torch.allclose(scores["text"][:5], scores["image"][:5])
-    assert not torch.allclose(scores["ensemble"][:5], scores["text"][:5])
+            # the two heads' logits on image 0's three proposals, by hand
+            pooled = heads.box_pooler([features["p2"]], [p.proposal_boxes for p in proposals])[:3]
+            text = predictor(heads.box_head(pooled))[0]
+            image = predictor.classify(predictor.region_embeddings(heads.image_box_head(pooled),
+                                                                   heads.image_projection))
+        p_text, p_image = text.softmax(-1), image.softmax(-1)
+        lam = 2.0 / 3.0  # base: p_text^(2/3) p_image^(1/3); novel: p_text^(1/3) p_image^(2/3)
+        w = torch.where(novel, 1 - lam, lam)
+        want = {"text": p_text[:, :3], "image": p_image[:, :3],
+                "ensemble": p_text[:, :3] ** w * p_image[:, :3] ** (1 - w)}[head]
+        assert torch.allclose(out[0].scores.sort().values, want.flatten().sort().values, rtol=1e-5), head
 
 
 @pytest.mark.parametrize("mode", ["vild", "ensemble"])

@@ -28,12 +28,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import numpy as np
-
     from vild_d2.data.vocabularies import preset_names
     from vild_d2.teacher import load_clip
     from vild_d2.teacher.templates import DEFAULT_TEMPLATES
-    from vild_d2.teacher.text_embeddings import encode_class_names
+    from vild_d2.teacher.text_embeddings import encode_class_names, save_text_embeddings
 
     if os.path.isfile(args.names):
         with open(args.names) as f:
@@ -54,18 +52,8 @@ def main(argv=None):
         if all(written.get(k) == v for k, v in key.items()):
             print(f"{len(names)} classes: {args.output} is up to date")
             return 0
-    emb = encode_class_names(model, names, templates).numpy().astype(np.float32)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    # the sidecar goes last: a run killed half-way never leaves a file that looks up to date
-    if os.path.isfile(sidecar):
-        os.remove(sidecar)
-    tmp = f"{args.output}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, emb)
-    os.replace(tmp, args.output)
-    with open(f"{sidecar}.{os.getpid()}.tmp", "w") as f:
-        json.dump({"clip": args.clip_model, **key}, f, indent=1)
-    os.replace(f"{sidecar}.{os.getpid()}.tmp", sidecar)
+    emb = encode_class_names(model, names, templates).numpy()
+    save_text_embeddings(args.output, emb, {"clip": args.clip_model, **key})
     print(f"{len(names)} classes x {emb.shape[1]} dims -> {args.output}")
     return 0
 

@@ -57,8 +57,7 @@ def main(argv=None):
     from detectron2.utils.visualizer import Visualizer
 
     import vild_d2  # noqa: F401
-    from vild_d2.engine.predictor import OVDPredictor
-    from vild_d2.engine.trainer import load_cfg
+    from vild_d2.engine import OVDPredictor, load_cfg
 
     torch.set_num_threads(2)
     try:
@@ -76,12 +75,12 @@ def main(argv=None):
     predictor = OVDPredictor(cfg, vocabulary, names_from(args.novel) if args.novel else [], attributes)
     os.makedirs(args.output, exist_ok=True)
     for i, path in enumerate(images[: args.max_images or None]):
-        image = read_image(path, format="RGB")
+        image = read_image(path, format="BGR")  # DefaultPredictor's input
         out = predictor(image)
         inst = out["instances"].to("cpu")
         keep = (inst.scores >= args.score_thresh).nonzero().flatten().tolist()
         labels = [f"{out['labels'][k]} {inst.scores[k]:.2f}" for k in keep]
-        vis = Visualizer(image, scale=2.0)
+        vis = Visualizer(image[:, :, ::-1], scale=2.0)
         vis.overlay_instances(boxes=inst.pred_boxes[keep], labels=labels)
         target = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
         vis.get_output().save(target)

@@ -26,9 +26,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import vild_d2  # noqa: F401  (registers datasets)
-from vild_d2.engine.trainer import load_cfg
+from vild_d2.engine import load_cfg
 from vild_d2.engine.launch import launch
-from vild_d2.engine.precompute import PrecomputeOptions, run_precompute
+from vild_d2.distill.precompute import PrecomputeOptions, run_precompute
 
 logger = logging.getLogger("vild_d2")
 

@@ -55,24 +55,13 @@ def read_json(path: str) -> dict:
         raise PrepareError(f"{path} is not valid JSON ({e}); download the file again") from None
 
 
-def write_json_atomic(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _destination(source: str, name: str, output_dir: str) -> str:
     return os.path.join(output_dir or os.path.dirname(source), name)
 
 
 def prepare_coco(root: str, output_dir: str, split: str):
     from vild_d2.data.datasets import filter_coco_ovd_json
+    from vild_d2.utils import write_json
 
     loaded = {}
     for rel, name, subset, drop_empty in COCO_FILES:
@@ -81,18 +70,19 @@ def prepare_coco(root: str, output_dir: str, split: str):
             loaded = {source: read_json(source)}  # one source in memory at a time
         out = filter_coco_ovd_json(loaded[source], split, subset, drop_empty, where=source)
         path = _destination(source, name, output_dir)
-        write_json_atomic(path, out)
+        write_json(path, out, indent=None)
         yield path, out
 
 
 def prepare_lvis(root: str, output_dir: str):
     from vild_d2.data.datasets import filter_lvis_base_json
+    from vild_d2.utils import write_json
 
     for rel, name in LVIS_FILES:
         source = os.path.join(root, rel)
         out = filter_lvis_base_json(read_json(source), where=source)
         path = _destination(source, name, output_dir)
-        write_json_atomic(path, out)
+        write_json(path, out, indent=None)
         yield path, out
 
 

@@ -21,7 +21,7 @@ warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*", cat
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from vild_d2.data.datasets.builtin import datasets_root  # noqa: E402
-from vild_d2.teacher import TeacherConfig, TeacherError, ensure_teacher  # noqa: E402
+from vild_d2.shapes_world import TeacherConfig, TeacherError, ensure_teacher  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):

@@ -7,5 +7,6 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 from .config import add_vild_config  # noqa: E402
 from . import data  # noqa: F401,E402  (dataset registration)
 from . import modeling  # noqa: F401,E402  (head and meta-architecture registration)
+from . import baselines  # noqa: F401,E402  (the CLIP-on-crops meta-architecture)
 
 __version__ = "0.1.0"

@@ -12,8 +12,8 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.structures import Boxes, Instances
 
+from ..distill.embedding_cache import EmbeddingCache
 from ..teacher import loader
-from .embedding_cache import EmbeddingCache
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,10 @@ import os
 from dataclasses import dataclass
 from typing import List, Sequence, Union
 
-METADATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "datasets", "metadata")
+from ..utils import write_json
+
+# the split files shipped with the package
+METADATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metadata")
 
 
 class SplitError(ValueError):
@@ -48,7 +51,7 @@ class OVDSplit:
 
 
 def load_split(spec: Union[str, dict, OVDSplit]) -> OVDSplit:
-    """An OVDSplit from a JSON path, a split name under datasets/metadata/, a dict or a split."""
+    """An OVDSplit from a JSON path, a split name under vild_d2/data/metadata/, a dict or a split."""
     if isinstance(spec, OVDSplit):
         return spec
     if isinstance(spec, dict):
@@ -78,9 +81,4 @@ def load_split(spec: Union[str, dict, OVDSplit]) -> OVDSplit:
 
 
 def save_split(split: OVDSplit, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(split.to_dict(), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, split.to_dict(), indent=2)

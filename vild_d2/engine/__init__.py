@@ -1,1 +1,3 @@
-from .trainer import ViLDTrainer, load_cfg, setup_cfg
+from .defaults import load_cfg, setup_cfg
+from .predictor import OVDPredictor
+from .trainer import ViLDTrainer

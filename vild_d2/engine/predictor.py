@@ -2,14 +2,15 @@
 paper's vocabulary expansion with attributes, p(object and attribute) = p(object) p(attribute)."""
 from typing import List, Optional, Sequence
 
-import torch
-from detectron2.data import transforms as T
-from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.engine import DefaultPredictor
 
 from ..modeling.vocabulary import class_embeddings, set_model_vocabulary
 
 
-class OVDPredictor:
+class OVDPredictor(DefaultPredictor):
+    """detectron2's DefaultPredictor (MODEL.WEIGHTS loaded, one BGR image in, its detections in
+    image coordinates out) scoring the classes of ``vocabulary``."""
+
     def __init__(self, cfg, vocabulary: Sequence[str], novel: Sequence[str] = (),
                  attributes: Optional[Sequence[str]] = None):
         """
@@ -20,50 +21,45 @@ class OVDPredictor:
             attributes: optional attribute names; each detection is then labelled
                 "<attribute> <object>" with score p(object) * p(attribute).
         """
-        from detectron2.checkpoint import DetectionCheckpointer
-        from detectron2.modeling import build_model
-
-        self.cfg = cfg.clone()
-        self.model = build_model(self.cfg).eval()
-        DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        super().__init__(cfg)
         self.vocabulary = list(vocabulary)
         set_model_vocabulary(self.model, self.cfg, self.vocabulary, list(novel))
         self.attributes = list(attributes or [])
-        self.attribute_embeddings = (
-            class_embeddings(self.cfg, self.attributes).to(self.cfg.MODEL.DEVICE) if self.attributes else None
-        )
-        self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+        self.attribute_embeddings = None
+        if self.attributes:
+            self.attribute_embeddings = class_embeddings(self.cfg, self.attributes).to(self.cfg.MODEL.DEVICE)
 
     @property
     def class_names(self) -> List[str]:
         return self.vocabulary
 
-    @torch.no_grad()
-    def __call__(self, image_rgb) -> dict:
-        """image_rgb: HxWx3 uint8 RGB. Returns {"instances", "labels"} in image coordinates."""
-        height, width = image_rgb.shape[:2]
-        image = image_rgb if self.cfg.INPUT.FORMAT == "RGB" else image_rgb[:, :, ::-1]
-        resized = self.aug.get_transform(image).apply_image(image)
-        tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
-        inputs = [{"image": tensor, "height": height, "width": width}]
-        instances = self.model.inference(inputs, do_postprocess=False)[0]
+    def __call__(self, original_image) -> dict:
+        """original_image: HxWx3 uint8 in BGR order (``cv2.imread``). Returns the model's
+        ``{"instances"}`` in image coordinates plus ``"labels"``, one name per detection."""
+        hook = None
+        if self.attributes:
+            hook = self.model.roi_heads.register_forward_hook(self._label_attributes)
+        try:
+            predictions = super().__call__(original_image)
+        finally:
+            if hook is not None:
+                hook.remove()
+        instances = predictions["instances"]
         labels = [self.vocabulary[c] for c in instances.pred_classes.tolist()]
         if self.attributes:
-            instances, labels = self._expand_with_attributes(inputs, instances)
-        return {"instances": detector_postprocess(instances, height, width), "labels": labels}
+            instances.scores = instances.scores * instances.attribute_scores
+            labels = [f"{self.attributes[a]} {name}" for a, name in zip(instances.attributes.tolist(), labels)]
+        return dict(predictions, labels=labels)
 
-    def _expand_with_attributes(self, inputs, instances):
-        model = self.model
-        heads = model.roi_heads
-        predictor = heads.box_predictor
-        images = model.preprocess_image(inputs)
-        features = model.backbone(images.tensor)
-        feats = heads.box_head(heads.box_pooler([features[f] for f in heads.box_in_features],
-                                                [instances.pred_boxes]))
-        region = predictor.region_embeddings(feats)
-        p_attr = (region @ self.attribute_embeddings.t() / predictor.temperature).softmax(dim=-1)
-        best_p, best = p_attr.max(dim=1)
-        instances.scores = instances.scores * best_p
-        labels = [f"{self.attributes[a]} {self.vocabulary[c]}"
-                  for a, c in zip(best.tolist(), instances.pred_classes.tolist())]
-        return instances, labels
+    def _label_attributes(self, roi_heads, inputs, outputs) -> None:
+        """On the ROI heads' output (boxes in the network's input frame), from the features of the
+        same backbone pass: each detection's most likely attribute and its probability, carried
+        through post-processing as the fields ``attributes`` and ``attribute_scores``."""
+        features = inputs[1]  # roi_heads(images, features, proposals, targets)
+        predictor = roi_heads.box_predictor
+        for instances in outputs[0]:
+            pooled = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features],
+                                          [instances.pred_boxes])
+            region = predictor.region_embeddings(roi_heads.box_head(pooled))
+            p_attr = (region @ self.attribute_embeddings.t() / predictor.temperature).softmax(dim=-1)
+            instances.attribute_scores, instances.attributes = p_attr.max(dim=1)

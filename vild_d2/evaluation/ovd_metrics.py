@@ -1,9 +1,10 @@
 """Grouping per-class AP into the open-vocabulary summary: base, novel, all, harmonic mean."""
-import json
 import os
 from typing import Dict, Iterable
 
 import numpy as np
+
+from ..utils import write_json
 
 
 def harmonic_mean(a: float, b: float) -> float:
@@ -37,10 +38,6 @@ def summarize_ovd(per_class: Dict[str, Dict[int, float]], novel: Iterable[str]) 
 
 def save_ovd_results(output_dir: str, dataset_name: str, novel: Iterable[str], summary: dict) -> str:
     """Write ``ovd_results_<dataset>.json`` (the dataset, its novel classes and ``summary``)."""
-    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"ovd_results_{dataset_name}.json")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"dataset": dataset_name, "novel_classes": sorted(novel), **summary}, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, {"dataset": dataset_name, "novel_classes": sorted(novel), **summary})
     return path

@@ -4,16 +4,20 @@ Extends detectron2's PascalVOCDetectionEvaluator: predictions are gathered and w
 as there, and every AP comes from detectron2's ``voc_eval``; what is added is keeping the
 per-class APs and grouping them by the dataset's ``novel_classes``.
 """
+import logging
 import os
 import tempfile
 from collections import OrderedDict, defaultdict
 
+import numpy as np
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.evaluation.pascal_voc_evaluation import voc_eval
 from detectron2.utils import comm
 
 from .ovd_metrics import save_ovd_results, summarize_ovd
+
+logger = logging.getLogger(__name__)
 
 
 class OVDPascalVOCEvaluator(PascalVOCDetectionEvaluator):
@@ -40,6 +44,13 @@ class OVDPascalVOCEvaluator(PascalVOCDetectionEvaluator):
             for cls_id, lines in per_rank.items():
                 predictions[cls_id].extend(lines)
         per_class = self._per_class_ap(predictions)
+        # voc_eval's AP of a class with no ground truth here is NaN: left out of every mean, as
+        # COCOeval leaves such classes out
+        absent = [name for name, aps in per_class.items() if np.isnan(aps[50])]
+        if absent:
+            logger.info(f"{len(absent)} of {len(per_class)} classes have no ground truth in "
+                        f"{self._dataset_name} ({', '.join(absent[:5])}); they are left out of the means")
+            per_class = OrderedDict((k, v) for k, v in per_class.items() if k not in absent)
         summary = summarize_ovd(per_class, self._novel)
         self.last_summary = summary  # for in-process callers that want the per-class numbers
         if self._output_dir:

@@ -2,4 +2,4 @@ from . import meta_arch as _meta_arch  # noqa: F401  (registration)
 from . import roi_heads as _roi_heads  # noqa: F401  (registration)
 from .roi_heads import ViLDROIHeads, image_distillation_loss
 from .text_predictor import ViLDTextPredictor
-from .vocabulary import dataset_vocabulary, set_model_vocabulary
+from .vocabulary import dataset_vocabulary, set_model_vocabulary, vocabulary_owner

@@ -2,6 +2,7 @@
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 from detectron2.data import MetadataCatalog
 
 from ..teacher.text_embeddings import text_embeddings_for
@@ -51,9 +52,31 @@ def resolve_class_embeddings(cfg, training: bool = True) -> Tuple[torch.Tensor, 
     return class_embeddings(cfg, names), novel_mask(names, novel)
 
 
+def vocabulary_owner(model: nn.Module) -> Optional[nn.Module]:
+    """The part of ``model`` that holds its class embeddings and swaps them (``set_vocabulary``,
+    ``text_embeddings``, ``novel_class_mask``): the ViLD box predictor, or a model that scores
+    classes itself (CLIP on crops); None for a model of fixed classes. Wrappers (DDP, autocast,
+    timers) are looked through by their ``module`` / ``model`` attribute."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        for owner in (model, getattr(getattr(model, "roi_heads", None), "box_predictor", None)):
+            if callable(getattr(owner, "set_vocabulary", None)):
+                return owner
+        inner = getattr(model, "module", None) or getattr(model, "model", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+    return None
+
+
 def set_model_vocabulary(model, cfg, names: Sequence[str], novel: Optional[Sequence[str]] = None):
-    """Point a built ViLD model at another vocabulary (no retraining)."""
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    emb = class_embeddings(cfg, names)
-    model.roi_heads.box_predictor.set_vocabulary(emb, novel_mask(names, novel or []))
+    """Point a built ViLD model (or CLIP on crops) at another vocabulary, without retraining."""
+    owner = vocabulary_owner(model)
+    if owner is None:
+        raise ValueError(
+            f"{type(model).__name__} has no text classifier to take a vocabulary; build it from a "
+            "ViLD config (MODEL.ROI_HEADS.NAME ViLDROIHeads) or the CLIP-on-crops one"
+        )
+    owner.set_vocabulary(class_embeddings(cfg, names), novel_mask(names, novel or []))
     return model

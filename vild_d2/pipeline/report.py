@@ -1,9 +1,10 @@
 """What the main job leaves for people: results.json, results.md and pictures."""
-import json
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+
+from ..utils import atomic_write, write_json
 
 METHOD_TITLES = {
     "clip_on_crops": "CLIP on cropped regions (training-free)",
@@ -28,19 +29,39 @@ def method_row(summary: dict) -> dict:
 
 
 def write_results(output_dir: str, methods: Dict[str, dict], stage_seconds: Dict[str, float],
-                  inference_seconds: Dict[str, float], config: dict, novel: Sequence[str]) -> str:
+                  inference_seconds: Dict[str, float], config: dict, novel: Sequence[str],
+                  shared_commands: Dict[str, str], row_commands: Dict[str, List[str]]) -> str:
+    """results.json and results.md; returns the markdown."""
     results = {
         "methods": methods,
         "stage_seconds": stage_seconds,
         "inference_seconds_per_image": inference_seconds,
         "config": config,
+        "commands": {"shared": shared_commands, "rows": row_commands},
     }
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(os.path.join(output_dir, "results.json"), results)
     md = results_markdown(methods, inference_seconds, stage_seconds, novel, config)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
+    md += commands_markdown(shared_commands, row_commands)
+    with atomic_write(os.path.join(output_dir, "results.md")) as f:
         f.write(md)
     return md
+
+
+def commands_markdown(shared: Dict[str, str], rows: Dict[str, List[str]]) -> str:
+    """Each row's commands, as they ran (from the folder the pipeline ran in)."""
+    lines = ["", "## The commands behind each row", "",
+             "Run from the folder the pipeline ran in; each is the command the pipeline ran. "
+             "First the stages every row shares:", "", "```bash"]
+    lines += [f"# {name}\n{command}" for name, command in shared.items()]
+    lines += ["```", ""]
+    for name in METHOD_TITLES:
+        if name in rows:
+            train, evaluate = rows[name]
+            lines += [f"{METHOD_TITLES[name]}:", "", "```bash"]
+            if train not in shared.values():
+                lines.append(train)
+            lines += [evaluate, "```", ""]
+    return "\n".join(lines)
 
 
 def results_markdown(methods, inference_seconds, stage_seconds, novel, config) -> str:
@@ -123,3 +144,19 @@ def draw_detections(dataset_dicts: List[dict], predictions: List, class_names: S
         r, c = divmod(i, columns)
         grid[r * (h + 6) : r * (h + 6) + t.shape[0], c * (w + 6) : c * (w + 6) + t.shape[1]] = t
     Image.fromarray(grid).save(path)
+
+
+def predict_first(config_file: str, opts: Sequence[str], dataset: str, n: int) -> Tuple[List[dict], List, List[str]]:
+    """The first ``n`` images of ``dataset`` (its dicts), a model's detections on them through
+    OVDPredictor (the config, with ``opts``, names the weights) and the dataset's class names."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.detection_utils import read_image
+
+    from ..engine import OVDPredictor, load_cfg
+
+    names = list(MetadataCatalog.get(dataset).thing_classes)
+    novel = list(MetadataCatalog.get(dataset).get("novel_classes", []))
+    predictor = OVDPredictor(load_cfg(config_file, opts), names, novel)
+    dicts = DatasetCatalog.get(dataset)[:n]
+    preds = [predictor(read_image(d["file_name"], format="BGR"))["instances"].to("cpu") for d in dicts]
+    return dicts, preds, names

@@ -4,7 +4,6 @@ A stage's stamp (``<output>/stages/<name>.json``) holds the key its inputs hash 
 returned; it is written last, so a stage killed midway runs again (and resumes where the stage
 itself can, like training from its last checkpoint).
 """
-import hashlib
 import json
 import os
 import threading
@@ -12,9 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, List, Optional
 
-
-def key_digest(key) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+from ..utils import digest, write_json
 
 
 class StageRunner:
@@ -35,51 +32,46 @@ class StageRunner:
         ``clean`` removes a stage's partial outputs: it is called before ``fn`` when the stage last
         started under another key (stale work), but not when the same key was interrupted (then
         ``fn`` resumes, e.g. training from its last checkpoint)."""
-        full_key, digest, stamp_path = self._identify(name, key, after)
+        full_key, stamp_digest, stamp_path = self._identify(name, key, after)
         with self._lock:
             self._count += 1
             n = self._count
         stamp = _read(stamp_path)
         outputs = list(outputs)
-        if self._current(stamp, digest, outputs):
+        if self._current(stamp, stamp_digest, outputs):
             self.log(f"[{n}] {name}: up to date, skipped")
             self.seconds[name] = stamp.get("seconds", 0.0)
-            self.digests[name] = digest
+            self.digests[name] = stamp_digest
             return stamp.get("result", {})
         self.log(f"[{n}] {name}: running")
         started_path = os.path.join(self.dir, f"{name}.started")
         started = _read(started_path)
-        if clean is not None and started is not None and started.get("digest") != digest:
+        if clean is not None and started is not None and started.get("digest") != stamp_digest:
             self.log(f"[{n}] {name}: inputs changed, removing its old outputs")
             clean()
-        with open(started_path, "w") as f:
-            json.dump({"digest": digest}, f)
+        write_json(started_path, {"digest": stamp_digest})
         start = time.perf_counter()
         result = fn() or {}
         seconds = time.perf_counter() - start
-        tmp = stamp_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"digest": digest, "key": full_key, "result": result, "seconds": seconds}, f,
-                      indent=1, default=str)
-        os.replace(tmp, stamp_path)
+        write_json(stamp_path, {"digest": stamp_digest, "key": full_key, "result": result, "seconds": seconds})
         self.seconds[name] = seconds
-        self.digests[name] = digest
+        self.digests[name] = stamp_digest
         self.log(f"[{n}] {name}: done in {seconds:.1f} s")
         return result
 
     def _identify(self, name, key, after):
         full_key = {"key": key, "after": {a: self.digests[a] for a in after}}
-        return full_key, key_digest(full_key), os.path.join(self.dir, f"{name}.json")
+        return full_key, digest(full_key), os.path.join(self.dir, f"{name}.json")
 
     @staticmethod
-    def _current(stamp, digest, outputs) -> bool:
-        return bool(stamp) and stamp.get("digest") == digest and all(os.path.exists(p) for p in outputs)
+    def _current(stamp, stamp_digest, outputs) -> bool:
+        return bool(stamp) and stamp.get("digest") == stamp_digest and all(os.path.exists(p) for p in outputs)
 
     def is_current(self, name: str, key: dict, outputs: Iterable[str] = (), after: Iterable[str] = (),
                    **_) -> bool:
         """Whether ``run`` with these arguments would skip the stage."""
-        _, digest, stamp_path = self._identify(name, key, after)
-        return self._current(_read(stamp_path), digest, list(outputs))
+        _, stamp_digest, stamp_path = self._identify(name, key, after)
+        return self._current(_read(stamp_path), stamp_digest, list(outputs))
 
     def run_parallel(self, stages: List[dict], workers: int) -> List[dict]:
         """Run independent stages (each a dict of ``run``'s arguments) ``workers`` at a time;

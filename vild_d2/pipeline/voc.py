@@ -1,26 +1,25 @@
-"""The main job on Pascal VOC: the same stages as on the embedded world, with a real CLIP
-checkpoint and the 16/4 split of datasets/metadata/voc_16_4.json."""
+"""The main job on Pascal VOC: the same stages as on the embedded world, with the configs/voc_ovd
+recipe (R50-FPN from ImageNet weights), a real CLIP checkpoint and the 16/4 split of
+vild_d2/data/metadata/voc_16_4.json."""
 import os
+from typing import List, Optional
 
 from ..data.splits import SplitError, load_split
-from .run import REPO, Pipeline, PipelineOptions
+from .commands import shown
+from .run import Pipeline, PipelineOptions
 
-VOC_CONFIGS = os.path.join(REPO, "configs", "voc_ovd")
 VOC_TRAIN_SETS = ("2007", "2012", "0712")
 
 
 class VOCPipeline(Pipeline):
-    """Stage 1, precompute and the ViLD trainings follow configs/voc_ovd/ (the paper-like recipe:
-    R50-FPN from ImageNet weights, the config's schedule) unless --iters / --opts override them."""
-
-    configs_dir = VOC_CONFIGS
+    configs_name = "voc_ovd"
     dataset_name = "voc_ovd"
     test_name = "voc_ovd_2007_test"
 
     def __init__(self, opts: PipelineOptions):
         if opts.novel_classes:
             raise SplitError("--novel-classes applies to the embedded world; the VOC split is "
-                             "datasets/metadata/voc_16_4.json")
+                             "vild_d2/data/metadata/voc_16_4.json")
         if opts.voc_train not in VOC_TRAIN_SETS:
             raise SplitError(f"--voc-train must be one of {', '.join(VOC_TRAIN_SETS)}, got '{opts.voc_train}'")
         if not opts.voc_root:
@@ -34,14 +33,17 @@ class VOCPipeline(Pipeline):
         super().__init__(opts, load_split("voc_16_4"))
         self.root = root
         # train_net.py and the precompute tool register voc_ovd_* under $DETECTRON2_DATASETS
-        self.env = dict(os.environ, DETECTRON2_DATASETS=root, PYTHONUNBUFFERED="1")
+        self.env["DETECTRON2_DATASETS"] = shown(root)
 
     @property
-    def clip_model(self) -> str:
-        return self.o.clip_model or "ViT-B/32"
+    def clip_model(self) -> Optional[str]:
+        return self.o.clip_model
 
-    def train_datasets(self, oracle: bool) -> str:
-        return f"voc_ovd_{self.o.voc_train}_trainval_{'all' if oracle else 'base'}"
+    def data_opts(self, config: str) -> List[str]:
+        if self.o.voc_train == "0712":
+            return []
+        subset = "all" if config == "oracle.yaml" else "base"
+        return ["DATASETS.TRAIN", f"('voc_ovd_{self.o.voc_train}_trainval_{subset}',)"]
 
     def register_test(self) -> str:
         from detectron2.data import DatasetCatalog

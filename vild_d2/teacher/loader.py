@@ -7,7 +7,6 @@ source, the result is an eval-mode float32 ``clip.model.CLIP`` rebuilt with Open
 ``build_model``, plus a ``ClipInfo`` describing it.
 """
 
-import hashlib
 import json
 import os
 import urllib.error
@@ -18,6 +17,8 @@ from typing import Optional, Tuple
 import clip
 import torch
 from clip.model import CLIP, build_model
+
+from ..utils import digest
 
 __all__ = [
     "CLIP_MEAN",
@@ -66,17 +67,9 @@ def clip_cache_dir() -> str:
     return os.path.expanduser(os.getenv("VILD_CLIP_CACHE") or os.path.join("~", ".cache", "clip"))
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_fingerprint(path: str) -> str:
     """A stable id of a checkpoint: the first 16 hex digits of its bytes' sha256."""
-    return _sha256(path)[:16]
+    return digest(path=path)
 
 
 def _resolve_model_name(name: str) -> str:
@@ -85,7 +78,7 @@ def _resolve_model_name(name: str) -> str:
     target = os.path.join(root, os.path.basename(url))
     # OpenAI's URLs carry the file's sha256, as clip.load checks it.
     present = os.path.isfile(target)
-    if present and _sha256(target) == url.split("/")[-2]:
+    if present and digest(path=target, length=64) == url.split("/")[-2]:
         return target
     try:
         return clip.clip._download(url, root)

@@ -3,7 +3,6 @@
 Each template's embedding is L2-normalised, the embeddings are averaged over templates, and the
 mean is renormalised (the ViLD/CLIP prompt ensemble).
 """
-import hashlib
 import json
 import os
 from typing import Optional, Sequence
@@ -11,6 +10,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..utils import atomic_write, digest, write_json
 
 
 @torch.no_grad()
@@ -36,8 +37,7 @@ def encode_class_names(model, names: Sequence[str], templates: Sequence[str], ba
 
 
 def cache_key(fingerprint: str, templates: Sequence[str], names: Sequence[str]) -> str:
-    blob = json.dumps({"clip": fingerprint, "templates": list(templates), "names": list(names)})
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return digest({"clip": fingerprint, "templates": list(templates), "names": list(names)}, length=20)
 
 
 def text_embeddings_for(
@@ -73,15 +73,22 @@ def text_embeddings_for(
         model, info = load_clip(clip_model)
     emb = encode_class_names(model, names, templates).numpy().astype(np.float32)
     if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, emb)
-        os.replace(tmp, path)
-        with open(path[:-4] + ".json", "w") as f:
-            json.dump({"clip": clip_model, "fingerprint": fingerprint, "templates": list(templates),
-                       "names": list(names)}, f, indent=1)
+        save_text_embeddings(path, emb, {"clip": clip_model, "fingerprint": fingerprint,
+                                         "templates": list(templates), "names": list(names)})
     return emb
+
+
+def save_text_embeddings(path: str, embeddings: np.ndarray, record: dict) -> None:
+    """``embeddings`` as ``path`` (.npy) and ``record`` (names, templates, checkpoint) as the
+    sidecar ``<path without .npy>.json``, each atomically. The sidecar, which says what the file
+    holds, is removed first and written last, so a run killed half-way never leaves a pair that
+    looks complete."""
+    sidecar = os.path.splitext(path)[0] + ".json"
+    if os.path.isfile(sidecar):
+        os.remove(sidecar)
+    with atomic_write(path, "wb") as f:
+        np.save(f, np.asarray(embeddings, np.float32))
+    write_json(sidecar, record)
 
 
 def load_precomputed(path: str, names: Sequence[str]) -> np.ndarray:

@@ -16,7 +16,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.lvis import load_lvis_json
 from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES as LVIS_V1_CATEGORIES
 
-from ...evaluation import lvis_compat  # noqa: F401  (before anything runs the lvis package)
 from ..splits import OVDSplit
 from .coco_ovd import check_files, subset_classes
 from .ovd_voc import DatasetError

@@ -1,29 +1,14 @@
-"""Zero-shot classification with a CLIP model: prompt-ensemble text embeddings and crop accuracy."""
+"""Zero-shot classification of crops with a CLIP model: crop embeddings and accuracy."""
 
 from typing import Dict, Sequence
 
-import clip
 import torch
 import torch.nn.functional as F
 from clip.model import CLIP
 
-from .loader import CLIP_MEAN, CLIP_STD
-from .templates import fill_templates
+from ..teacher.loader import CLIP_MEAN, CLIP_STD
 
-__all__ = ["encode_crops", "prompt_ensemble_embeddings", "zero_shot_accuracy"]
-
-
-@torch.no_grad()
-def prompt_ensemble_embeddings(
-    model: CLIP, class_names: Sequence[str], templates: Sequence[str]
-) -> torch.Tensor:
-    """[C, D] class embeddings: each template's embedding normalised, averaged, renormalised."""
-    captions = fill_templates(templates, class_names)
-    device = model.text_projection.device
-    tokens = clip.tokenize([c for row in captions for c in row], model.context_length).to(device)
-    emb = F.normalize(model.encode_text(tokens).float(), dim=-1)
-    emb = emb.view(len(captions), len(class_names), -1).mean(0)
-    return F.normalize(emb, dim=-1)
+__all__ = ["encode_crops", "zero_shot_accuracy"]
 
 
 @torch.no_grad()

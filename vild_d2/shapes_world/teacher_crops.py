@@ -13,6 +13,8 @@ from detectron2.data import detection_utils
 from detectron2.data.datasets.pascal_voc import load_voc_instances
 from torchvision.ops import roi_align
 
+from .generator import WorldConfig, image_index, read_manifest, render_image
+
 __all__ = [
     "CropBank",
     "add_background_boxes",
@@ -82,9 +84,6 @@ def add_unannotated_objects(
     Returns:
         (bank, names): name ``names[i]`` has label ``first_label + i``; names are sorted.
     """
-    # Imported here so that the teacher package (and load_clip) does not need the generator.
-    from vild_d2.data.shapes_world import WorldConfig, image_index, read_manifest, render_image
-
     manifest = read_manifest(world_dir)
     if manifest is None or "config" not in manifest:
         raise ValueError(

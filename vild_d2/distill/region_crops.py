@@ -1,7 +1,7 @@
 """Region crops for CLIP on tensors: boxes grown about their centres, clipped to the image, then
 cropped and resized, the boxes of several images in one ``grid_sample`` call per kind of crop.
 
-Conventions (those of the teacher's crops in ``crops.py``, which uses ``roi_align``):
+Conventions (detectron2's boxes):
   * boxes are XYXY in the image's continuous pixel coordinates (detectron2's ``XYXY_ABS``);
   * a grown box is clipped to the image, so at a border it covers only the in-image part and is
     no longer centred on the object (a box touching the left edge grown 1.5x keeps x0 = 0);
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import crop_kernel
-from .loader import ClipInfo, clip_normalize
+from ..teacher.loader import ClipInfo, clip_normalize
 
 # recorded in the embedding cache's key: a cache cut another way is computed again
 CROP_RESAMPLING = "box filter on shrunk axes, bilinear on enlarged axes"

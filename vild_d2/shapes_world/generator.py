@@ -22,9 +22,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .datasets.builtin import datasets_root
-from .shapes_render import COLOURS, SHAPES, SceneObject, render_scene
-from .splits import OVDSplit, SplitError, load_split, save_split
+from ..data.datasets.builtin import datasets_root
+from ..data.splits import OVDSplit, SplitError, load_split, save_split
+from .render import COLOURS, SHAPES, SceneObject, render_scene
 
 # Bump whenever a change to drawing or layout changes the bytes written for a config.
 GENERATOR_VERSION = 1

@@ -9,12 +9,15 @@ Layout of a finished cache directory (all arrays memory-mappable):
   manifest.json   what produced the cache; written last, so its presence marks completion
 """
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ..utils import atomic_write, write_json
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT_VERSION = 1
@@ -123,7 +126,7 @@ def write_cache(
         dim = embed_dim
     else:
         ids, offsets, dim = _save_arrays(cache_dir, entries, embed_dim)
-    _atomic_json(os.path.join(cache_dir, "index.json"), {"image_ids": ids, "offsets": offsets})
+    write_json(os.path.join(cache_dir, "index.json"), {"image_ids": ids, "offsets": offsets})
     manifest = dict(
         manifest,
         format_version=CACHE_FORMAT_VERSION,
@@ -131,7 +134,7 @@ def write_cache(
         num_proposals_total=offsets[-1],
         embed_dim=int(dim),
     )
-    _atomic_json(os.path.join(cache_dir, MANIFEST), manifest)
+    write_json(os.path.join(cache_dir, MANIFEST), manifest)
 
 
 def _save_arrays(cache_dir, entries, embed_dim):
@@ -153,61 +156,39 @@ def _save_arrays(cache_dir, entries, embed_dim):
         ),
     }
     for name, arr in arrays.items():
-        _atomic_save(os.path.join(cache_dir, name), arr)
+        with atomic_write(os.path.join(cache_dir, name), "wb") as f:
+            np.save(f, arr)
     return ids, offsets, dim
 
 
 def _stream_arrays(cache_dir, entries, num_rows: int, embed_dim: int):
     """The arrays written row block by row block into .npy files mapped in memory (same bytes as
-    np.save), then renamed into place; returns (image ids, offsets)."""
+    np.save), each renamed into place once all are written; returns (image ids, offsets)."""
     specs = {
         "boxes.npy": (np.float32, (num_rows, 4)),
         "scores.npy": (np.float32, (num_rows,)),
         "embeddings.npy": (np.float16, (num_rows, embed_dim)),
     }
-    out = {
-        name: np.lib.format.open_memmap(os.path.join(cache_dir, name + ".tmp"), "w+", dtype, shape)
-        for name, (dtype, shape) in specs.items()
-    }
-    ids, offsets = [], [0]
-    for image_id, e in entries:
-        start = offsets[-1]
-        end = start + len(e.boxes)
-        if end > num_rows:
-            raise ValueError(f"the entries hold more than the announced {num_rows} rows")
-        out["boxes.npy"][start:end] = np.asarray(e.boxes, np.float32).reshape(-1, 4)
-        out["scores.npy"][start:end] = np.asarray(e.scores, np.float32).reshape(-1)
-        embeddings = np.asarray(e.embeddings, np.float16).reshape(-1, embed_dim)
-        out["embeddings.npy"][start:end] = embeddings
-        ids.append(str(image_id))
-        offsets.append(end)
-    if offsets[-1] != num_rows:
-        raise ValueError(f"the entries hold {offsets[-1]} rows, not the announced {num_rows}")
-    for arr in out.values():
-        arr.flush()
-    names = list(out)
-    out.clear()  # unmaps the files
-    for name in names:
-        path = os.path.join(cache_dir, name)
-        with open(path + ".tmp", "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+    with contextlib.ExitStack() as files:
+        out = {}
+        for name, (dtype, shape) in specs.items():
+            f = files.enter_context(atomic_write(os.path.join(cache_dir, name), "wb"))
+            out[name] = np.lib.format.open_memmap(f.name, "w+", dtype, shape)
+        ids, offsets = [], [0]
+        for image_id, e in entries:
+            start = offsets[-1]
+            end = start + len(e.boxes)
+            if end > num_rows:
+                raise ValueError(f"the entries hold more than the announced {num_rows} rows")
+            out["boxes.npy"][start:end] = np.asarray(e.boxes, np.float32).reshape(-1, 4)
+            out["scores.npy"][start:end] = np.asarray(e.scores, np.float32).reshape(-1)
+            embeddings = np.asarray(e.embeddings, np.float16).reshape(-1, embed_dim)
+            out["embeddings.npy"][start:end] = embeddings
+            ids.append(str(image_id))
+            offsets.append(end)
+        if offsets[-1] != num_rows:
+            raise ValueError(f"the entries hold {offsets[-1]} rows, not the announced {num_rows}")
+        for arr in out.values():
+            arr.flush()
+        out.clear()  # unmaps the files before they are synced and renamed
     return ids, offsets
-
-
-def _atomic_save(path: str, arr: np.ndarray) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -7,12 +7,13 @@ archive's state dict, from which ``build_model`` drops those buffers.
 """
 
 import copy
-import os
 import warnings
 
 import clip
 import torch
 from clip.model import CLIP
+
+from ..utils import atomic_write
 
 __all__ = ["save_openai_archive"]
 
@@ -48,17 +49,13 @@ def save_openai_archive(model: CLIP, path: str) -> None:
             {"forward": (images, texts), "encode_image": (images,), "encode_text": (texts,)},
             check_trace=False,
         )
-        tmp = f"{path}.tmp{os.getpid()}"
-        try:
-            traced.save(tmp)
-            # A different batch size catches shapes frozen into the trace.
-            reloaded = torch.jit.load(tmp, map_location="cpu")
-            images, texts = _examples(model, 3, seed=1)
-            for name, x in (("encode_image", images), ("encode_text", texts)):
-                want, got = getattr(export, name)(x), getattr(reloaded, name)(x)
-                if not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
-                    raise RuntimeError(f"traced {name} differs from the model; cannot export")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    with atomic_write(path, "wb") as f, torch.no_grad():
+        torch.jit.save(traced, f)
+        f.flush()
+        # A different batch size catches shapes frozen into the trace.
+        reloaded = torch.jit.load(f.name, map_location="cpu")
+        images, texts = _examples(model, 3, seed=1)
+        for name, x in (("encode_image", images), ("encode_text", texts)):
+            want, got = getattr(export, name)(x), getattr(reloaded, name)(x)
+            if not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
+                raise RuntimeError(f"traced {name} differs from the model; cannot export")

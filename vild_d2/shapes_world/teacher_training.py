@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from clip.model import CLIP
 
-from .crops import CropBank, add_background_boxes, random_crops
-from .loader import CLIP_MEAN, CLIP_STD
-from .templates import DEFAULT_TEMPLATES, check_templates, fill_templates
+from ..teacher.loader import CLIP_MEAN, CLIP_STD
+from ..teacher.templates import DEFAULT_TEMPLATES, check_templates, fill_templates
+from .teacher_crops import CropBank, add_background_boxes, random_crops
 
 __all__ = ["TeacherConfig", "build_teacher_model", "contrastive_loss", "train_teacher"]
 

@@ -6,7 +6,6 @@ names the checkpoint's fingerprint, so an interrupted run never leaves a teacher
 call takes for complete.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -15,13 +14,16 @@ from typing import Dict, Optional
 
 import torch
 
-from vild_d2.data.splits import load_split
-
-from .crops import add_unannotated_objects, fixed_crops, load_crop_bank
-from .export import save_openai_archive
-from .loader import TEACHER_CHECKPOINT, TEACHER_MANIFEST, file_fingerprint, load_clip
-from .train_teacher import TeacherConfig, train_teacher
-from .zero_shot import encode_crops, prompt_ensemble_embeddings, zero_shot_accuracy
+from ..data.splits import load_split
+from ..teacher.loader import TEACHER_CHECKPOINT, TEACHER_MANIFEST, file_fingerprint, load_clip
+from ..teacher.text_embeddings import encode_class_names
+from ..utils import digest, write_json
+from .archive import save_openai_archive
+from .generator import MANIFEST as WORLD_MANIFEST
+from .generator import read_manifest as read_world_manifest
+from .teacher_crops import add_unannotated_objects, fixed_crops, load_crop_bank
+from .teacher_training import TeacherConfig, train_teacher
+from .zero_shot import encode_crops, zero_shot_accuracy
 
 __all__ = [
     "TeacherError",
@@ -42,10 +44,6 @@ class TeacherError(ValueError):
 
 
 def _world_key(world_dir: str) -> dict:
-    # Imported here so that the teacher package (and load_clip) does not need the generator.
-    from vild_d2.data.shapes_world import MANIFEST as WORLD_MANIFEST
-    from vild_d2.data.shapes_world import read_manifest as read_world_manifest
-
     if not os.path.isdir(world_dir):
         raise TeacherError(f"world folder {world_dir} does not exist; {_GENERATE_HINT}")
     manifest = read_world_manifest(world_dir)
@@ -62,9 +60,8 @@ def _world_key(world_dir: str) -> dict:
                 f"{world_dir} has no '{image_set}' images; {_GENERATE_HINT} "
                 "with --num-teacher and --num-teacher-val above 1"
             )
-    blob = json.dumps(manifest, sort_keys=True).encode()
     return {
-        "fingerprint": hashlib.sha256(blob).hexdigest()[:16],
+        "fingerprint": digest(manifest),
         "generator_version": manifest.get("generator_version"),
         "config": manifest.get("config"),
     }
@@ -102,7 +99,7 @@ def _held_out(model, world_dir: str, templates):
     bank = load_crop_bank(world_dir, VAL_SET, split.classes)
     num_class_boxes = len(bank)
     bank, _ = add_unannotated_objects(bank, world_dir, VAL_SET, len(split.classes))
-    return split, bank, num_class_boxes, prompt_ensemble_embeddings(model, split.classes, templates)
+    return split, bank, num_class_boxes, encode_class_names(model, split.classes, templates)
 
 
 def _accuracy(model, held_out, crop_scales) -> Dict[float, dict]:
@@ -143,14 +140,6 @@ def nearest_class_cosine(model, world_dir: str, templates) -> Dict[str, float]:
     the teacher keeps them apart.
     """
     return _nearest_class_cosine(model, _held_out(model, world_dir, templates))
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def ensure_teacher(
@@ -224,7 +213,7 @@ def ensure_teacher(
         "classes": list(split.classes),
         "novel_classes": list(split.novel_classes),
     }
-    _write_json(manifest_path, manifest)
+    write_json(manifest_path, manifest, indent=2)
     logger.info(
         f"teacher: held-out zero-shot accuracy {heldout['all']:.3f} (novel {heldout['novel']:.3f}, "
         f"1.5x crops {context['all']:.3f}); mean cosine to the nearest class text: class objects "

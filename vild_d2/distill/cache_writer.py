@@ -12,7 +12,6 @@ alone, so which process wrote a part, and how often the run was interrupted, doe
 cache; finalize reads the parts in order, writes the cache (manifest last) and removes them.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,9 +20,10 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
+from ..utils import atomic_write, digest, write_json
 from .embedding_cache import MANIFEST, CacheEntry, CacheError, write_cache
 
-__all__ = ["CacheWriter", "Chunk", "key_hash", "make_chunks"]
+__all__ = ["CacheWriter", "Chunk", "make_chunks"]
 
 PARTS = "parts"
 PART_KEY = "key.json"
@@ -52,11 +52,6 @@ def _canonical(obj):
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
-def key_hash(key: dict) -> str:
-    """16 hex digits identifying a key."""
-    return hashlib.sha256(json.dumps(_canonical(key), sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _first_difference(have: dict, want: dict):
     for k, v in _canonical(want).items():
         if have.get(k) != v:
@@ -72,15 +67,6 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _atomic_write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class CacheWriter:
     """The output directory of one cache key: its state, its parts and their finalize.
 
@@ -91,7 +77,7 @@ class CacheWriter:
     def __init__(self, output_dir: str, key: dict):
         self.output_dir = output_dir
         self.key = _canonical(key)
-        self.key_hash = key_hash(key)
+        self.key_hash = digest(self.key)
         self.parts_dir = os.path.join(output_dir, PARTS)
 
     # ------------------------------------------------------------------ state
@@ -128,7 +114,7 @@ class CacheWriter:
                     f"{self.parts_dir} to discard them"
                 )
         else:
-            _atomic_write_json(path, self.key)
+            write_json(path, self.key)
             _fsync_dir(self.parts_dir)
 
     def done(self, chunks: Sequence[Chunk]) -> List[int]:
@@ -161,13 +147,9 @@ class CacheWriter:
             ),
         }
         path = os.path.join(self.parts_dir, chunk.name)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
+        with atomic_write(path, "wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
             size = f.tell()
-        os.replace(tmp, path)
         _fsync_dir(self.parts_dir)
         return size
 
