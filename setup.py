@@ -14,6 +14,7 @@ setup(
     package_data={
         "vild_d2.distill": ["csrc/*.c"],  # the crop kernel, compiled on first use (crop_kernel.py)
         "vild_d2.data": ["metadata/*.json"],  # the open-vocabulary class splits
+        "vild_d2.teacher": ["prompts/*.txt"],  # the prompt sets (the official ViLD templates)
     },
     python_requires=">=3.9",
     install_requires=[

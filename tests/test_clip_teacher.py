@@ -12,7 +12,8 @@ from clip.model import CLIP
 
 from vild_d2.shapes_world import TeacherConfig, TeacherError, ensure_teacher, evaluate_teacher
 from vild_d2.shapes_world.teacher import read_teacher_manifest
-from vild_d2.teacher import DEFAULT_TEMPLATES, load_clip
+from vild_d2.shapes_world import DEFAULT_TEMPLATES
+from vild_d2.teacher import load_clip
 from vild_d2.shapes_world import generator as shapes_world
 from vild_d2.shapes_world import teacher as ensure_module
 from vild_d2.shapes_world.teacher_crops import (

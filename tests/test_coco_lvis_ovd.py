@@ -282,7 +282,8 @@ def test_text_embedding_tool_presets_and_reuse(tiny_clip, tmp_path, capsys):
 
 def _recipe_commands(benchmark):
     """The real-data recipe of ``benchmark`` ("coco_ovd" or "lvis_ovd"), as the README gives it:
-    stage 1, the CLIP cache, the text embeddings, ViLD's training, its evaluation."""
+    stage 1, the CLIP cache, the text embeddings, ViLD's training (the paper's recipe: from
+    scratch), its evaluation; then ViLD-ensemble's training and the fine-tuning option's."""
     names = benchmark.split("_")[0]
     out = f"output/{benchmark}"
     py = ".venv/bin/python"
@@ -292,11 +293,12 @@ def _recipe_commands(benchmark):
          "--clip-model", "ViT-B/32", "--output-dir", f"{out}/clip_cache",
          "MODEL.WEIGHTS", f"{out}/stage1/model_final.pth"],
         [py, "tools/compute_text_embeddings.py", "--clip-model", "ViT-B/32", "--names", names,
-         "--output", f"{out}/text_embeddings_{names}.npy"],
-        [py, "tools/train_net.py", "--config-file", f"configs/{benchmark}/vild.yaml",
-         "MODEL.WEIGHTS", f"{out}/stage1/model_final.pth"],
+         *(["--synonyms"] if names == "lvis" else []), "--output", f"{out}/text_embeddings_{names}.npy"],
+        [py, "tools/train_net.py", "--config-file", f"configs/{benchmark}/vild.yaml"],
         [py, "tools/train_net.py", "--config-file", f"configs/{benchmark}/vild.yaml", "--eval-only",
          "MODEL.WEIGHTS", f"{out}/vild/model_final.pth"],
+        [py, "tools/train_net.py", "--config-file", f"configs/{benchmark}/vild_ensemble.yaml"],
+        [py, "tools/train_net.py", "--config-file", f"configs/{benchmark}/vild_finetune.yaml"],
     ]
 
 
@@ -317,6 +319,7 @@ def _tiny(cmd, clip_path):
     if script == "compute_text_embeddings.py":
         return args
     opts = ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
+            "INPUT.LSJ.IMAGE_SIZE", "96",
             "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "30",
             "MODEL.VILD.DISTILL.NUM_PROPOSALS", "8", "MODEL.VILD.CLIP_MODEL", clip_path,
             "MODEL.VILD.EMBED_DIM", str(DIM), "DATALOADER.NUM_WORKERS", "0",
@@ -324,15 +327,17 @@ def _tiny(cmd, clip_path):
             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
             # the random-weight R50 needs unit-variance pixels (ImageNet weights expect raw ones)
             "MODEL.PIXEL_STD", "[57.375, 57.12, 58.395]"]
-    if "MODEL.WEIGHTS" not in cmd:
+    if "MODEL.WEIGHTS" not in cmd and "vild_finetune.yaml" not in cmd[3]:
         opts += ["MODEL.WEIGHTS", ""]  # no ImageNet weights offline: random initialisation
     flags = ["--threads", "1"]
     if script == "precompute_clip_embeddings.py":
         flags += ["--num-workers", "0", "--batch-size", "64"]
     else:
-        # a fixed seed and a small step: 2 iterations of a random model stay finite
+        # a fixed seed, a small step and clipped gradients: 2 iterations of a random model stay
+        # finite and still propose boxes
         opts += ["INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96", "SOLVER.MAX_ITER", "2",
                  "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.002",
+                 "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
                  "SEED", "0",
                  "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "100", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "30",
                  "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32"]
@@ -372,6 +377,13 @@ def test_recipe_commands_run_end_to_end(tree, tiny_clip, tmp_path, benchmark, vo
     text = np.load(out / f"text_embeddings_{benchmark[:4]}.npy")
     assert text.shape == (vocabulary, DIM)
     assert test_vocabulary in logs[3] and test_vocabulary in logs[4]  # training ends with evaluation
+    for name, log in (("vild_ensemble", logs[5]), ("vild_finetune", logs[6])):
+        assert torch.load(out / name / "model_final.pth", weights_only=False)["iteration"] == 1
+        assert test_vocabulary in log, log[-3000:]
+        assert (out / name / "inference" / results).is_file(), sorted(os.listdir(out / name))
+    # the fine-tuning option starts from the stage-1 detector's weights, the paper's from scratch
+    assert f"Loading from output/{benchmark}/stage1/model_final.pth" in logs[6]
+    assert "No checkpoint found. Initializing model from scratch" in logs[3]
     saved = json.loads((out / "vild" / "inference" / results).read_text())
     for key in keys:
         assert 0.0 <= saved["metrics"][key] <= 100.0, key

@@ -82,3 +82,43 @@ def test_config_loads_and_sets_no_value_its_base_already_has(path):
         add_vild_config(base)
     restated = [k for k in _own_leaf_keys(own) if _value(cfg, k) == _value(base, k)]
     assert not restated, f"{path} restates {restated}"
+
+
+@pytest.mark.parametrize("path", ["configs/voc_ovd/vild.yaml", "configs/coco_ovd/vild.yaml",
+                                  "configs/lvis_ovd/vild.yaml", "configs/coco_ovd/vild_ensemble.yaml",
+                                  "configs/lvis_ovd/vild_ensemble.yaml"])
+def test_real_data_defaults_are_the_official_codes(path):
+    """What the official ViLD code does (tensorflow/tpu projects/vild), read off the merged configs."""
+    from vild_d2.engine import load_cfg
+
+    cfg = load_cfg(os.path.join(ROOT, path), cpu_fallback=False)
+    vild = cfg.MODEL.VILD
+    assert list(vild.PROMPT_TEMPLATES) == ["vild"]  # the 63 templates and their rules
+    assert vild.TEMPERATURE == 0.01 and vild.IMAGE_TEMPERATURE == 0.0
+    assert vild.IMAGE_LOSS_WEIGHT == 0.5 and vild.DISTILL.NUM_PROPOSALS == 300
+    assert list(vild.DISTILL.CROP_SCALES) == [1.0, 1.5] and vild.DISTILL.ENSEMBLE_CROPS
+    assert vild.DISTILL.MIN_BOX_SIZE == 0  # no size filter on the cached proposals
+    assert vild.ENSEMBLE_LAMBDA == pytest.approx(2 / 3)
+    # nothing beyond the paper is on
+    assert vild.OBJECTNESS_WEIGHT == 0 and vild.UNLABELLED_OBJECTNESS == 0
+    assert vild.LABEL_ASSIGNMENT == "iou" and cfg.SOLVER.OPTIMIZER == "SGD" and not cfg.SOLVER.CPU_BF16
+    # inference: every detection scored, NMS 0.5, up to 300 per image, 1000 test proposals
+    assert cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.0 and cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST == 0.5
+    assert cfg.TEST.DETECTIONS_PER_IMAGE == 300 and cfg.MODEL.RPN.POST_NMS_TOPK_TEST == 1000
+    assert cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG
+    assert cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 512 and cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION == 0.25
+    assert cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler"  # no repeat-factor sampling, LVIS included
+    assert vild.TEXT_SYNONYMS == ("lvis" in path)
+    if "voc_ovd" in path:
+        return
+    # the paper's recipe: from scratch in one stage, SyncBN, 4 conv + 2 fc head with BN, LSJ
+    assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.BACKBONE.FREEZE_AT == 0
+    assert cfg.MODEL.RESNETS.NORM == cfg.MODEL.FPN.NORM == cfg.MODEL.ROI_BOX_HEAD.NORM == "SyncBN"
+    head = cfg.MODEL.ROI_BOX_HEAD
+    assert (head.NAME, head.NUM_CONV, head.CONV_DIM, head.NUM_FC, head.FC_DIM) == ("ViLDConvFCHead", 4, 256, 2, 1024)
+    lsj = cfg.INPUT.LSJ
+    assert lsj.ENABLED and (lsj.IMAGE_SIZE, lsj.MIN_SCALE, lsj.MAX_SCALE) == (1024, 0.1, 2.0)
+    s = cfg.SOLVER
+    assert (s.IMS_PER_BATCH, s.BASE_LR, s.MOMENTUM, s.WEIGHT_DECAY, s.WEIGHT_DECAY_BIAS) == (256, 0.32, 0.9, 4e-5, 0.0)
+    assert (s.WARMUP_ITERS, s.WARMUP_FACTOR, s.MAX_ITER, tuple(s.STEPS)) == (1000, 0.01, 180000, (162000, 171000))
+    assert not s.CLIP_GRADIENTS.ENABLED

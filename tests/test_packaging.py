@@ -10,7 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what the package needs besides its Python modules
-DATA = ("vild_d2/distill/csrc/region_crops.c", "vild_d2/data/metadata/voc_16_4.json",
+DATA = ("vild_d2/distill/csrc/region_crops.c", "vild_d2/teacher/prompts/vild.txt", "vild_d2/data/metadata/voc_16_4.json",
         "vild_d2/data/metadata/coco_48_17.json", "vild_d2/data/metadata/shapes_ovd_12_4.json")
 
 
@@ -18,7 +18,7 @@ def _package_files():
     out = set()
     for dirpath, _, files in os.walk(os.path.join(ROOT, "vild_d2")):
         for f in files:
-            if f.endswith((".py", ".c", ".json")):
+            if f.endswith((".py", ".c", ".json", ".txt")):
                 out.add(os.path.relpath(os.path.join(dirpath, f), ROOT).replace(os.sep, "/"))
     return out
 
@@ -70,11 +70,13 @@ def test_the_tools_run_from_outside_the_checkout_on_a_plain_install(wheel, tmp_p
     check = ("import vild_d2, vild_d2.engine, vild_d2.pipeline.run, vild_d2.shapes_world; "
              "from vild_d2.data import load_split; from vild_d2.distill import crop_kernel; "
              "print(vild_d2.__file__); print(load_split('voc_16_4').novel_classes); "
-             "print(crop_kernel.kernel() is not None)")
+             "print(crop_kernel.kernel() is not None); "
+             "from vild_d2.teacher import prompt_set; print(len(prompt_set('vild').templates))")
     lines = run("-c", check).split("\n")
     assert lines[0].startswith(str(target))
     assert lines[1] == "['car', 'dog', 'sofa', 'train']"
     assert lines[2] == ("True" if shutil.which(os.environ.get("CC", "cc")) else "False")
+    assert lines[3] == "63"
 
     # a tool of the checkout, run from another folder on the installed package
     import torch

@@ -100,14 +100,22 @@ def test_l1_distillation_loss():
     assert image_distillation_loss(a[:0], b[:0]).item() == 0.0
 
 
-def test_ensemble_scores_follow_the_formula():
+def test_ensemble_scores_by_hand():
+    """Two boxes, three classes, the middle one novel, as the official code scores them: the text
+    head's softmax over classes and background, the image head's over the classes alone, then
+    base p_text^(2/3) p_image^(1/3) and novel p_text^(1/3) p_image^(2/3)."""
     pred = _predictor(num_classes=3, novel_class_mask=torch.tensor([False, True, False]))
-    t, i = torch.randn(4, 4), torch.randn(4, 4)
-    probs = pred.ensemble_probs(t, i, 2.0 / 3.0)
-    pt, pi = F.softmax(t, -1), F.softmax(i, -1)
-    assert torch.allclose(probs[:, 0], pt[:, 0] ** (2 / 3) * pi[:, 0] ** (1 / 3))
-    assert torch.allclose(probs[:, 1], pt[:, 1] ** (1 / 3) * pi[:, 1] ** (2 / 3))
-    assert torch.allclose(probs[:, 3], pt[:, 3])
+    text = torch.tensor([[2.0, 1.0, 0.0, 1.0], [0.0, 0.0, 3.0, -1.0]])
+    image = torch.tensor([[0.0, 2.0, 1.0, 5.0], [1.0, 1.0, 1.0, -7.0]])  # its background is ignored
+    probs = pred.ensemble_probs(text, image, 2.0 / 3.0)
+    # e.g. box 1, class 0: softmax([2, 1, 0, 1])[0] = 0.534447, softmax([0, 2, 1])[0] = 0.090031,
+    # 0.534447^(2/3) x 0.090031^(1/3) = 0.295166
+    want = torch.tensor([[0.295166, 0.443121, 0.108585], [0.087117, 0.170409, 0.643715]])
+    assert torch.allclose(probs[:, :3], want, atol=1e-6)
+    assert torch.allclose(probs[:, 3], torch.tensor([0.196612, 0.016384]), atol=1e-6)  # text's background
+    image_alone = pred.image_probs(image)
+    assert torch.allclose(image_alone[0, :3], torch.tensor([0.090031, 0.665241, 0.244728]), atol=1e-6)
+    assert image_alone[:, 3].tolist() == [0.0, 0.0]
 
 
 # ---- the ROI heads built from a config ------------------------------------------------------
@@ -272,7 +280,7 @@ def test_ensemble_heads_read_alone(tmp_path):
             text = predictor(heads.box_head(pooled))[0]
             image = predictor.classify(predictor.region_embeddings(heads.image_box_head(pooled),
                                                                    heads.image_projection))
-        p_text, p_image = text.softmax(-1), image.softmax(-1)
+        p_text, p_image = text.softmax(-1), image[:, :3].softmax(-1)
         lam = 2.0 / 3.0  # base: p_text^(2/3) p_image^(1/3); novel: p_text^(1/3) p_image^(2/3)
         w = torch.where(novel, 1 - lam, lam)
         want = {"text": p_text[:, :3], "image": p_image[:, :3],

@@ -13,9 +13,13 @@ def add_vild_config(cfg):
     _C.MODEL.VILD.EMBED_DIM = 512
     # Softmax temperature tau: logits = cosine / tau (the paper: 0.01, i.e. x100).
     _C.MODEL.VILD.TEMPERATURE = 0.01
-    # Prompt templates for the class text embeddings ("{}" is the class name); the
-    # embeddings of all templates are normalised, averaged and renormalised.
-    _C.MODEL.VILD.PROMPT_TEMPLATES = ["a photo of a {}."]
+    # Prompts of the class text embeddings: a set shipped with the package (["vild"]: the official
+    # code's 63 templates and rules), templates of your own ("{}" the class name, "{article}" a or
+    # an), or [] for the checkpoint's own (a teacher folder's manifest; else "vild"). Every prompt's
+    # embedding is normalised, the embeddings averaged and the mean renormalised.
+    _C.MODEL.VILD.PROMPT_TEMPLATES = ["vild"]
+    # Average each class's synonyms into its text embedding where the dataset gives them (LVIS).
+    _C.MODEL.VILD.TEXT_SYNONYMS = False
     # Optional precomputed class text embeddings (.npy, [num_classes, EMBED_DIM]) used
     # instead of computing them from CLIP_MODEL; "" computes (and caches) them.
     _C.MODEL.VILD.TEXT_EMBEDDINGS_PATH = ""
@@ -72,8 +76,9 @@ def add_vild_config(cfg):
     _C.MODEL.VILD.DISTILL.NUM_PROPOSALS = 300
     # Crop scales around each proposal whose embeddings were summed (the paper: 1x and 1.5x).
     _C.MODEL.VILD.DISTILL.CROP_SCALES = [1.0, 1.5]
-    # Proposals smaller than this side (pixels, original image) are dropped before cropping.
-    _C.MODEL.VILD.DISTILL.MIN_BOX_SIZE = 4.0
+    # Proposals with a side under this many pixels (original image) are dropped before cropping;
+    # 0 keeps every one (the official code: filter_distill_boxes_size 0).
+    _C.MODEL.VILD.DISTILL.MIN_BOX_SIZE = 0.0
     # Sum the per-scale embeddings and L2-normalise (True) or keep the 1x embedding only.
     _C.MODEL.VILD.DISTILL.ENSEMBLE_CROPS = True
     # Batch size of crops per CLIP encoder call when precomputing.
@@ -90,4 +95,17 @@ def add_vild_config(cfg):
     # CUDA-only): the training forward runs under CPU autocast; region embeddings, their cosines
     # and the losses stay float32. Fast on CPUs with bfloat16 units (AVX512-BF16, AMX).
     _C.SOLVER.CPU_BF16 = False
+
+    # Large-scale jitter (the paper's training input): each training image resized by a random
+    # factor of IMAGE_SIZE, then cropped or padded to IMAGE_SIZE x IMAGE_SIZE, and flipped at random;
+    # it replaces INPUT.MIN_SIZE_TRAIN's resize when enabled.
+    _C.INPUT.LSJ = CN()
+    # Use it for training images.
+    _C.INPUT.LSJ.ENABLED = False
+    # The side of the square training input (the paper: 1024).
+    _C.INPUT.LSJ.IMAGE_SIZE = 1024
+    # The smallest random scale factor (the paper: 0.1).
+    _C.INPUT.LSJ.MIN_SCALE = 0.1
+    # The largest random scale factor (the paper: 2.0).
+    _C.INPUT.LSJ.MAX_SCALE = 2.0
     return cfg

@@ -38,7 +38,7 @@ def clip_on_crops_scores(embeddings: torch.Tensor, text_embeddings: torch.Tensor
 class CLIPOnCropsRCNN(GeneralizedRCNN):
     @configurable
     def __init__(self, *, encoder: RegionEncoder, temperature: float, num_proposals: int = 300,
-                 min_box_size: float = 4.0, score_thresh: float = 0.05, nms_thresh: float = 0.5,
+                 min_box_size: float = 0.0, score_thresh: float = 0.05, nms_thresh: float = 0.5,
                  topk: int = 100, **kwargs):
         """
         Args:

@@ -10,6 +10,7 @@ import logging
 import torch
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
+from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
 
 from ..distill.embedding_cache import EmbeddingCache
@@ -73,6 +74,14 @@ class DistillDatasetMapper(DatasetMapper):
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
+        lsj = cfg.INPUT.LSJ
+        if is_train and lsj.ENABLED:
+            size = lsj.IMAGE_SIZE
+            ret["augmentations"] = [
+                T.ResizeScale(lsj.MIN_SCALE, lsj.MAX_SCALE, size, size),
+                T.FixedSizeCrop((size, size)),
+                T.RandomFlip(horizontal=True),
+            ]
         cache_dir = cfg.MODEL.VILD.DISTILL.CACHE_DIR
         # ViLD-text (and a zero image-loss weight) trains without the cache
         distills = cfg.MODEL.VILD.MODE != "text" and cfg.MODEL.VILD.IMAGE_LOSS_WEIGHT > 0

@@ -3,7 +3,7 @@ from typing import Callable, Dict, List, Optional
 
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from .datasets.lvis_ovd import lvis_v1_class_names
+from .datasets.lvis_ovd import lvis_v1_categories, lvis_v1_class_names
 
 
 def coco_class_names() -> List[str]:
@@ -18,3 +18,11 @@ def preset_names(name: str) -> Optional[List[str]]:
     """The class names of preset ``name``; None if there is no such preset."""
     make = PRESETS.get(name)
     return make() if make else None
+
+
+def preset_synonyms(name: str) -> Optional[List[List[str]]]:
+    """Per class of preset ``name``, the names it also goes by (LVIS's synonyms); None if the
+    preset has none."""
+    if name != "lvis":
+        return None
+    return [list(c.get("synonyms") or [c["name"]]) for c in lvis_v1_categories()]

@@ -51,7 +51,7 @@ class PrecomputeOptions:
     clip_model: str
     num_proposals: int = 300
     crop_scales: Tuple[float, ...] = (1.0, 1.5)
-    min_box_size: float = 4.0
+    min_box_size: float = 0.0
     ensemble_crops: bool = True
     batch_size: int = 256
     chunk_size: int = 32

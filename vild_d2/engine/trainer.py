@@ -14,7 +14,7 @@ from detectron2.utils import comm
 
 from ..data.distill_mapper import DistillDatasetMapper
 from ..evaluation import build_evaluator
-from ..modeling.vocabulary import dataset_vocabulary, set_model_vocabulary, vocabulary_owner
+from ..modeling.vocabulary import dataset_synonyms, dataset_vocabulary, set_model_vocabulary, vocabulary_owner
 from ..utils import write_json
 from .cpu_autocast import TrainingAutocast
 from .optimizer import build_optimizer
@@ -75,7 +75,7 @@ class ViLDTrainer(DefaultTrainer):
             for idx, name in enumerate(cfg.DATASETS.TEST):
                 if owner is not None:
                     names, novel = dataset_vocabulary(cfg, name)
-                    set_model_vocabulary(model, cfg, names, novel)
+                    set_model_vocabulary(model, cfg, names, novel, dataset_synonyms(cfg, name, names))
                     logger.info(f"Evaluating {name} with a {len(names)}-class vocabulary ({len(novel)} novel)")
                 one = cfg.clone()
                 one.defrost()

@@ -237,14 +237,14 @@ class ViLDROIHeads(StandardROIHeads):
         predictor = self.box_predictor
         logits, deltas = predictor(self.box_head(pooled))
         if self.mode == "image":
-            probs = self._image_head_logits(logits).softmax(dim=-1)
+            probs = predictor.image_probs(self._image_head_logits(logits))
         elif self.mode != "ensemble" or self.ensemble_test_head == "text":
             probs = logits.softmax(dim=-1)
         else:
             image_region = predictor.region_embeddings(self.image_box_head(pooled), self.image_projection)
             image_logits = self._image_head_logits(predictor.classify(image_region))
             if self.ensemble_test_head == "image":
-                probs = image_logits.softmax(dim=-1)
+                probs = predictor.image_probs(image_logits)
             else:
                 probs = predictor.ensemble_probs(logits, image_logits, self.ensemble_lambda)
         if self.objectness_weight > 0:

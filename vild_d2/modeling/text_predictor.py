@@ -116,14 +116,23 @@ class ViLDTextPredictor(FastRCNNOutputLayers):
         losses["loss_cls"] = losses["loss_cls"] * self.text_loss_weight
         return losses
 
-    def ensemble_probs(self, text_logits: torch.Tensor, image_logits: torch.Tensor, lam: float):
-        """ViLD-ensemble: geometric mean of the two heads' probabilities, per class.
+    @staticmethod
+    def image_probs(image_logits: torch.Tensor) -> torch.Tensor:
+        """[N, K + 1] probabilities of a head that only imitates CLIP's image embeddings, as the
+        official code scores it: a softmax over the K classes alone (its background vector was
+        never trained against them), and a background column of 0."""
+        probs = F.softmax(image_logits[:, :-1], dim=-1)
+        return torch.cat([probs, probs.new_zeros(len(probs), 1)], dim=1)
 
-        base:  p_text^lam * p_image^(1 - lam);  novel: p_text^(1 - lam) * p_image^lam.
-        The background column is the text head's.
-        """
+    def ensemble_probs(self, text_logits: torch.Tensor, image_logits: torch.Tensor, lam: float):
+        """ViLD-ensemble, as the official code scores it: the text head's softmax over the K
+        classes and the background, the image head's over the K classes alone (``image_probs``),
+        then per class a geometric mean,
+        base:  p_text^lam * p_image^(1 - lam);  novel: p_text^(1 - lam) * p_image^lam
+        (lam = 2/3: the official (p_img * p_text * t)^(1/3), t = p_text for base, p_img for novel).
+        The background column is the text head's."""
         p_text = F.softmax(text_logits, dim=-1)
-        p_image = F.softmax(image_logits, dim=-1)
+        p_image = self.image_probs(image_logits)
         novel = torch.cat([self.novel_class_mask, self.novel_class_mask.new_zeros(1)])
         w_text = torch.where(novel, 1.0 - lam, lam).to(p_text.dtype)
         probs = p_text.pow(w_text) * p_image.pow(1.0 - w_text)

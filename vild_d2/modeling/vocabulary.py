@@ -8,15 +8,17 @@ from detectron2.data import MetadataCatalog
 from ..teacher.text_embeddings import text_embeddings_for
 
 
-def class_embeddings(cfg, names: Sequence[str]) -> torch.Tensor:
-    """[K, D] frozen class embeddings for ``names`` under ``cfg``'s CLIP model and templates."""
+def class_embeddings(cfg, names: Sequence[str], synonyms=None) -> torch.Tensor:
+    """[K, D] frozen class embeddings for ``names`` (and, per class, the ``synonyms`` averaged into
+    it) under ``cfg``'s CLIP model and prompts."""
     vild = cfg.MODEL.VILD
     emb = text_embeddings_for(
         vild.CLIP_MODEL,
         list(names),
-        templates=list(vild.PROMPT_TEMPLATES) or None,
+        prompt_spec=list(vild.PROMPT_TEMPLATES),
         cache_dir=vild.TEXT_EMBEDDINGS_CACHE_DIR or None,
         precomputed_path=vild.TEXT_EMBEDDINGS_PATH,
+        synonyms=synonyms,
     )
     if emb.shape[1] != vild.EMBED_DIM:
         raise ValueError(
@@ -42,14 +44,27 @@ def dataset_vocabulary(cfg, dataset_name: str) -> Tuple[List[str], List[str]]:
     return names, novel
 
 
+def dataset_synonyms(cfg, dataset_name: str, names: Sequence[str]) -> Optional[List[List[str]]]:
+    """Per class of ``names``, the synonyms ``dataset_name``'s metadata gives it (LVIS does), when
+    MODEL.VILD.TEXT_SYNONYMS asks for them; None otherwise."""
+    meta = MetadataCatalog.get(dataset_name)
+    given = meta.get("class_synonyms", None)
+    if not cfg.MODEL.VILD.TEXT_SYNONYMS or given is None:
+        return None
+    by_name = dict(zip(meta.thing_classes, given))
+    return [list(by_name.get(n) or [n]) for n in names]
+
+
 def resolve_class_embeddings(cfg, training: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Embeddings and novel mask of the training vocabulary (training=True) or the first test
     dataset's vocabulary."""
     if training:
-        names = list(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes)
-        return class_embeddings(cfg, names), novel_mask(names, [])
-    names, novel = dataset_vocabulary(cfg, cfg.DATASETS.TEST[0])
-    return class_embeddings(cfg, names), novel_mask(names, novel)
+        dataset = cfg.DATASETS.TRAIN[0]
+        names = list(MetadataCatalog.get(dataset).thing_classes)
+        return class_embeddings(cfg, names, dataset_synonyms(cfg, dataset, names)), novel_mask(names, [])
+    dataset = cfg.DATASETS.TEST[0]
+    names, novel = dataset_vocabulary(cfg, dataset)
+    return class_embeddings(cfg, names, dataset_synonyms(cfg, dataset, names)), novel_mask(names, novel)
 
 
 def vocabulary_owner(model: nn.Module) -> Optional[nn.Module]:
@@ -70,7 +85,8 @@ def vocabulary_owner(model: nn.Module) -> Optional[nn.Module]:
     return None
 
 
-def set_model_vocabulary(model, cfg, names: Sequence[str], novel: Optional[Sequence[str]] = None):
+def set_model_vocabulary(model, cfg, names: Sequence[str], novel: Optional[Sequence[str]] = None,
+                         synonyms=None):
     """Point a built ViLD model (or CLIP on crops) at another vocabulary, without retraining."""
     owner = vocabulary_owner(model)
     if owner is None:
@@ -78,5 +94,5 @@ def set_model_vocabulary(model, cfg, names: Sequence[str], novel: Optional[Seque
             f"{type(model).__name__} has no text classifier to take a vocabulary; build it from a "
             "ViLD config (MODEL.ROI_HEADS.NAME ViLDROIHeads) or the CLIP-on-crops one"
         )
-    owner.set_vocabulary(class_embeddings(cfg, names), novel_mask(names, novel or []))
+    owner.set_vocabulary(class_embeddings(cfg, names, synonyms), novel_mask(names, novel or []))
     return model

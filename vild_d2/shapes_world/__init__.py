@@ -4,4 +4,4 @@ download. Built on the method's public parts; nothing in the method imports it."
 from .archive import save_openai_archive
 from .generator import CLASS_NAMES, WorldConfig, WorldError, ensure_world
 from .teacher import TeacherError, ensure_teacher, evaluate_teacher, nearest_class_cosine
-from .teacher_training import TeacherConfig, build_teacher_model, train_teacher
+from .teacher_training import DEFAULT_TEMPLATES, TeacherConfig, build_teacher_model, train_teacher

@@ -24,13 +24,24 @@ import torch.nn.functional as F
 from clip.model import CLIP
 
 from ..teacher.loader import CLIP_MEAN, CLIP_STD
-from ..teacher.templates import DEFAULT_TEMPLATES, check_templates, fill_templates
+from ..teacher.templates import check_templates, fill_templates
 from .teacher_crops import CropBank, add_background_boxes, random_crops
 
 __all__ = ["TeacherConfig", "build_teacher_model", "contrastive_loss", "train_teacher"]
 
 logger = logging.getLogger(__name__)
 
+# the captions of the teacher's crops; the detector's class embeddings use the same (the world's
+# configs set MODEL.VILD.PROMPT_TEMPLATES [], the checkpoint's own)
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a picture of a {}.",
+    "a drawing of a {}.",
+    "an image of a {}.",
+    "a close-up photo of a {}.",
+    "a {}.",
+)
 CONTEXT_LENGTH = 77  # clip.tokenize's context length
 VOCAB_SIZE = 49408  # clip.tokenize's vocabulary
 _RUN_ONLY_FIELDS = ("num_threads", "log_every")

@@ -121,6 +121,9 @@ def register_lvis_ovd(
         ovd_split=split.name,
         ovd_subset=subset,
         thing_dataset_id_to_contiguous_id=lvis_id_map(categories, subset),
+        # per class, the names LVIS also gives it (MODEL.VILD.TEXT_SYNONYMS averages them in)
+        class_synonyms=[list(c.get("synonyms") or [c["name"]]) for c in categories
+                        if subset == "all" or c["frequency"] != "r"],
         json_file=json_file,
         image_root=image_root,
         evaluator_type="ovd_lvis",
