@@ -3,6 +3,7 @@ a direct encoding, resume after SIGKILL, a 2-process run, and the manifest check
 
 import copy
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,8 @@ def _cmd(base, out, args=(), opts=()):
         str(base / "stage1.pth"),
         "MODEL.DEVICE",
         "cpu",
+        "MODEL.VILD.EMBED_DIM",
+        "64",
         "OUTPUT_DIR",
         str(base / "output"),
         *opts,
@@ -218,6 +221,21 @@ def test_another_key_in_the_same_directory_is_refused(tiny):
     assert stamps == [os.stat(tiny / "ref" / n).st_mtime_ns for n in CACHE_FILES]
 
 
+def test_a_damaged_cache_is_rebuilt_and_one_of_another_clip_size_never_started(tiny):
+    shutil.copytree(tiny / "ref", tiny / "damaged")
+    os.truncate(tiny / "damaged" / "embeddings.npy", 100)
+    log = _run(tiny, "damaged")
+    assert f"{tiny / 'damaged' / 'embeddings.npy'} has 100 bytes where" in log and "rebuilding it" in log
+    _assert_same_cache(tiny / "ref", tiny / "damaged")
+    # the config's embedding size is checked against the CLIP model before anything is written
+    proc = subprocess.run(_cmd(tiny, "dim", opts=["MODEL.VILD.EMBED_DIM", "32"]), env=_env(tiny),
+                          capture_output=True, text=True, cwd=str(tiny), timeout=300)
+    assert proc.returncode == 2 and not (tiny / "dim").exists()
+    assert proc.stderr.strip().splitlines()[-1].startswith("precompute_clip_embeddings.py: error: CLIP model ")
+    assert "embeds in 64 dimensions but the config's MODEL.VILD.EMBED_DIM is 32" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_default_output_dir_is_keyed(tiny):
     log = _run(
         tiny, "unused", opts=["MODEL.VILD.DISTILL.MIN_BOX_SIZE", "6.0"], args=["--output-dir", ""]
@@ -258,6 +276,9 @@ def test_training_config_must_match_the_cache(tiny, opts, message):
         DistillDatasetMapper(cfg, is_train=True)
     assert message in str(e.value)
     assert len(str(e.value).splitlines()) == 1
+    if "clip_fingerprint" in message:  # the checkpoints behind both fingerprints are named
+        assert f"(from {tiny / 'clip.pth'})" in str(e.value)
+        assert f"(from MODEL.VILD.CLIP_MODEL {tiny / 'clip_other.pth'})" in str(e.value)
 
 
 def test_region_encoder_batches_across_images_and_ensembles_scales(tiny):

@@ -1,3 +1,7 @@
+import os
+
+import pytest
+
 from vild_d2.pipeline.stages import StageRunner
 
 
@@ -18,23 +22,57 @@ def test_stage_skips_when_key_and_outputs_match(tmp_path):
     assert len(calls) == 2
 
 
-def test_changed_inputs_clean_stale_outputs_but_an_interrupted_run_resumes(tmp_path):
-    cleaned = []
+def test_an_interrupted_run_resumes_and_changed_inputs_keep_the_old_outputs_aside(tmp_path):
+    out = tmp_path / "train"
 
     def interrupted():
+        out.mkdir(exist_ok=True)
+        (out / "partial").write_text("lr 1")
         raise KeyboardInterrupt
 
-    runner = StageRunner(str(tmp_path))
-    try:
-        runner.run("train", {"lr": 1}, interrupted, clean=lambda: cleaned.append("lr1"))
-    except KeyboardInterrupt:
-        pass
-    # same key again: resume, no cleaning
-    StageRunner(str(tmp_path)).run("train", {"lr": 1}, lambda: {}, clean=lambda: cleaned.append("x"))
-    assert cleaned == []
-    # other key: the old outputs are stale
-    StageRunner(str(tmp_path)).run("train", {"lr": 2}, lambda: {}, clean=lambda: cleaned.append("y"))
-    assert cleaned == ["y"]
+    with pytest.raises(KeyboardInterrupt):
+        StageRunner(str(tmp_path)).run("train", {"lr": 1}, interrupted, replaces=[str(out)])
+    # same key again: the partial work stays and is resumed
+    seen = []
+    StageRunner(str(tmp_path)).run("train", {"lr": 1}, lambda: seen.append(sorted(os.listdir(out))) or {},
+                                   replaces=[str(out)])
+    assert seen == [["partial"]]
+
+    # other key, and the new run fails: the old outputs are back as they were, and so is their key
+    def fails():
+        assert not out.exists() and (tmp_path / "train.previous" / "partial").exists()
+        out.mkdir()
+        (out / "half").write_text("lr 2")
+        raise RuntimeError("stage failed")
+
+    with pytest.raises(RuntimeError, match="stage failed"):
+        StageRunner(str(tmp_path)).run("train", {"lr": 2}, fails, replaces=[str(out)])
+    assert sorted(os.listdir(out)) == ["partial"] and not (tmp_path / "train.previous").exists()
+    # other key, and the new run succeeds: the old outputs are gone once it is done
+    StageRunner(str(tmp_path)).run("train", {"lr": 2}, lambda: out.mkdir() or {}, replaces=[str(out)])
+    assert os.listdir(out) == [] and not (tmp_path / "train.previous").exists()
+
+
+def test_a_damaged_output_reruns_its_stage_and_names_the_file(tmp_path):
+    out = tmp_path / "model.pth"
+    calls, said = [], []
+
+    def work():
+        calls.append(1)
+        out.write_bytes(b"weights" * 10)
+
+    StageRunner(str(tmp_path)).run("s", {}, work, outputs=[str(out)])
+    StageRunner(str(tmp_path)).run("s", {}, work, outputs=[str(out)])
+    assert len(calls) == 1
+    out.write_bytes(b"weights")  # truncated
+    StageRunner(str(tmp_path), log=said.append).run("s", {}, work, outputs=[str(out)])
+    assert len(calls) == 2 and any(f"{out} has 7 bytes where 70 were written" in m for m in said)
+    data = bytearray(out.read_bytes())
+    data[0] ^= 1  # same size, other bytes
+    out.write_bytes(bytes(data))
+    said.clear()
+    StageRunner(str(tmp_path), log=said.append).run("s", {}, work, outputs=[str(out)])
+    assert len(calls) == 3 and any("differs from what was written" in m for m in said)
 
 
 def test_upstream_change_invalidates_downstream(tmp_path):

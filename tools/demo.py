@@ -32,23 +32,63 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def names_from(spec: str):
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+
+
+def names_from(spec: str, what: str):
+    """Names given inline (comma-separated) or in a file of one name per line."""
+    from vild_d2.utils import UserError
+
     if os.path.isfile(spec):
         with open(spec) as f:
             return [line.strip() for line in f if line.strip()]
+    if os.sep in spec or spec.endswith(".txt"):
+        raise UserError(f"{what} file {spec} does not exist; pass a file of one name per line, or the "
+                        "names themselves separated by commas")
     return [n.strip() for n in spec.split(",") if n.strip()]
 
 
 def list_images(inputs):
+    """Every image of ``inputs`` (files, folders), each checked to decode before anything runs."""
+    from PIL import Image
+
+    from vild_d2.utils import UserError
+
     files = []
     for path in inputs:
         if os.path.isdir(path):
-            files += sorted(f for ext in ("jpg", "jpeg", "png") for f in glob.glob(os.path.join(path, f"*.{ext}")))
+            found = sorted(f for ext in IMAGE_EXTENSIONS for f in glob.glob(os.path.join(path, f"*.{ext}")))
+            if not found:
+                raise UserError(f"input folder {path} holds no {'/'.join(IMAGE_EXTENSIONS)} image")
+            files += found
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise FileNotFoundError(f"input {path} does not exist; pass image files or folders")
+            raise UserError(f"input {path} does not exist; pass image files or folders")
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except Exception as e:  # PIL raises many types for files it cannot decode
+            raise UserError(f"input {path} is not an image that decodes ({type(e).__name__}); "
+                            "pass image files only") from None
     return files
+
+
+def check_weights(path: str) -> None:
+    """The checkpoint must hold a ViLD text head (a stage-1 detector's has none)."""
+    from vild_d2.checkpoint import checkpoint_damage
+    from vild_d2.utils import UserError
+
+    if not os.path.isfile(path):
+        raise UserError(f"weights {path} do not exist; train a model first")
+    why = checkpoint_damage(path)
+    if why:
+        raise UserError(f"weights {path} {why}; pass a sound checkpoint")
+    model = torch.load(path, map_location="cpu", weights_only=False).get("model", {})
+    if "roi_heads.box_predictor.projection.weight" not in model:
+        raise UserError(f"weights {path} hold no ViLD text head (a stage-1 or plain detector's?); "
+                        "pass a model trained with a ViLD config (configs/*/vild*.yaml)")
 
 
 def main(argv=None):
@@ -58,23 +98,23 @@ def main(argv=None):
 
     import vild_d2  # noqa: F401
     from vild_d2.engine import OVDPredictor, load_cfg
+    from vild_d2.utils import UserError
 
     torch.set_num_threads(2)
-    try:
-        vocabulary = names_from(args.vocabulary)
-        attributes = names_from(args.attributes) if args.attributes else []
-        images = list_images(args.input)
-        if not vocabulary:
-            raise ValueError("--vocabulary is empty; give at least one class name")
-        cfg = load_cfg(args.config_file, ["MODEL.WEIGHTS", args.weights, *args.opts])
-        if not os.path.isfile(args.weights):
-            raise FileNotFoundError(f"weights {args.weights} do not exist; train a model first")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"demo.py: error: {e}", file=sys.stderr)
-        return 2
-    predictor = OVDPredictor(cfg, vocabulary, names_from(args.novel) if args.novel else [], attributes)
+    vocabulary = names_from(args.vocabulary, "vocabulary")
+    attributes = names_from(args.attributes, "attributes") if args.attributes else []
+    novel = names_from(args.novel, "novel-class") if args.novel else []
+    if not vocabulary:
+        raise UserError("--vocabulary is empty; give at least one class name")
+    unknown = [n for n in novel if n not in vocabulary]
+    if unknown:
+        raise UserError(f"--novel names {unknown} are not in the vocabulary; name classes of --vocabulary")
+    images = list_images(args.input)[: args.max_images or None]
+    cfg = load_cfg(args.config_file, ["MODEL.WEIGHTS", args.weights, *args.opts])
+    check_weights(args.weights)
+    predictor = OVDPredictor(cfg, vocabulary, novel, attributes)  # refuses names too long for CLIP
     os.makedirs(args.output, exist_ok=True)
-    for i, path in enumerate(images[: args.max_images or None]):
+    for path in images:
         image = read_image(path, format="BGR")  # DefaultPredictor's input
         out = predictor(image)
         inst = out["instances"].to("cpu")
@@ -89,4 +129,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vild_d2.utils import run_tool
+
+    sys.exit(run_tool(main, "demo.py"))

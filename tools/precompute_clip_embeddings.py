@@ -19,6 +19,7 @@ With several machines the output directory must be on a filesystem they share.
 
 import logging
 import os
+import sys
 
 import torch
 from detectron2.engine import default_argument_parser
@@ -28,6 +29,7 @@ from detectron2.utils.logger import setup_logger
 import vild_d2  # noqa: F401  (registers datasets)
 from vild_d2.engine import load_cfg
 from vild_d2.engine.launch import launch
+from vild_d2.utils import run_tool
 from vild_d2.distill.precompute import PrecomputeOptions, run_precompute
 
 logger = logging.getLogger("vild_d2")
@@ -148,11 +150,6 @@ def argument_parser():
 
 if __name__ == "__main__":
     args = argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    sys.exit(run_tool(lambda: launch(main, args.num_gpus, num_machines=args.num_machines,
+                                     machine_rank=args.machine_rank, dist_url=args.dist_url,
+                                     args=(args,)), "precompute_clip_embeddings.py"))

@@ -20,7 +20,7 @@ import sys
 
 from detectron2.utils.logger import setup_logger
 
-from vild_d2.data.splits import SplitError
+from vild_d2.utils import UserError, run_tool
 from vild_d2.pipeline.run import PipelineOptions
 from vild_d2.pipeline.shapes import ShapesPipeline
 from vild_d2.pipeline.voc import VOCPipeline
@@ -85,14 +85,12 @@ def main(argv=None):
         opts.world, opts.teacher = {}, {}
     try:
         pipeline = (VOCPipeline if args.dataset == "voc" else ShapesPipeline)(opts)
-    except (SplitError, ValueError, KeyError) as e:  # KeyError: yacs on an unknown config key
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"run_pipeline.py: error: {message}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # the world's and teacher's option checks
+        raise UserError(str(e)) from None
     setup_logger(name="vild_d2", abbrev_name="vild")  # the teacher's progress lines
     pipeline.run()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main, "run_pipeline.py"))

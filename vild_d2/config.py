@@ -96,6 +96,10 @@ def add_vild_config(cfg):
     # and the losses stay float32. Fast on CPUs with bfloat16 units (AVX512-BF16, AMX).
     _C.SOLVER.CPU_BF16 = False
 
+    # A training image that does not decode: "stop" with one line naming it, or "skip" it (named in
+    # a warning). Evaluation always stops. Missing images stop training at start-up either way.
+    _C.DATALOADER.BAD_IMAGES = "stop"
+
     # Large-scale jitter (the paper's training input): each training image resized by a random
     # factor of IMAGE_SIZE, then cropped or padded to IMAGE_SIZE x IMAGE_SIZE, and flipped at random;
     # it replaces INPUT.MIN_SIZE_TRAIN's resize when enabled.

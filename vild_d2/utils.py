@@ -1,12 +1,42 @@
-"""The file helpers every part of the package shares: one digest and one atomic write."""
+"""What every part of the package shares: one digest, one atomic write, and the error a user can
+fix, which the tools report in one line."""
 import contextlib
 import hashlib
 import json
 import os
+import sys
 import threading
-from typing import IO, Iterator, Optional
+from typing import IO, Callable, Iterator, Optional
 
-__all__ = ["atomic_write", "digest", "write_json"]
+__all__ = ["ConfigError", "UserError", "atomic_write", "digest", "file_damage", "file_record", "run_tool", "write_json"]
+
+DEBUG_ENV = "VILD_D2_DEBUG"  # set to 1 for the traceback of a UserError
+
+
+class UserError(Exception):
+    """An error its message tells the user how to fix (a file, a value, a command line): the
+    tools print that one line and exit with 2, without a traceback unless $VILD_D2_DEBUG is set."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config file, key or value that cannot be used."""
+
+
+def run_tool(main: Callable[[], Optional[int]], prog: str) -> int:
+    """``main()``'s exit status; a UserError (or one raised through detectron2's launch) becomes
+    one line ``<prog>: error: <message>`` and status 2."""
+    try:
+        return main() or 0
+    except UserError as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        message = str(e)
+        if "Traceback (most recent call last)" in message:  # raised in a data-loading worker
+            last = [line for line in message.splitlines() if line.strip()][-1]
+            message = last.split(": ", 1)[1] if last.startswith(type(e).__name__ + ":") else last
+        message = " ".join(message.split())  # one line, whatever the message held
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        return 2
 
 
 def digest(obj=None, *, path: Optional[str] = None, length: int = 16) -> str:
@@ -51,3 +81,21 @@ def write_json(path: str, obj, indent: Optional[int] = 1) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=indent)
         f.write("\n")
+
+
+def file_record(path: str) -> dict:
+    """What a file was when it was written: its size and sha256, to check it against later."""
+    return {"bytes": os.path.getsize(path), "sha256": digest(path=path, length=64)}
+
+
+def file_damage(path: str, record: dict, checksum: bool = True) -> Optional[str]:
+    """Why ``path`` is not the file ``record`` describes (missing, another size, other bytes), or
+    None when it is. ``checksum`` False checks the size alone (cheap for large files)."""
+    if not os.path.isfile(path):
+        return "is missing"
+    size = os.path.getsize(path)
+    if size != record.get("bytes"):
+        return f"has {size} bytes where {record.get('bytes')} were written"
+    if checksum and record.get("sha256") and digest(path=path, length=64) != record["sha256"]:
+        return "differs from what was written (sha256)"
+    return None

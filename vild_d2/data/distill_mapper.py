@@ -11,10 +11,14 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
+from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.structures import Boxes, Instances
 
 from ..distill.embedding_cache import EmbeddingCache
 from ..teacher import loader
+from ..utils import UserError
+from .checks import BAD_IMAGE_POLICIES
+from .datasets.ovd_voc import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +49,8 @@ def check_cache_matches_config(cache: EmbeddingCache, cfg) -> None:
             )
         else:
             expected["clip_fingerprint"] = fingerprint
-    cache.check_compatible(**{k: v for k, v in expected.items() if k in cache.manifest})
+    cache.check_compatible(sources={"clip_fingerprint": f"MODEL.VILD.CLIP_MODEL {vild.CLIP_MODEL}"},
+                           **{k: v for k, v in expected.items() if k in cache.manifest})
 
 
 class DistillDatasetMapper(DatasetMapper):
@@ -57,6 +62,7 @@ class DistillDatasetMapper(DatasetMapper):
         cache: EmbeddingCache = None,
         num_proposals: int = 300,
         class_agnostic: bool = False,
+        bad_images: str = "stop",
         **kwargs,
     ):
         """
@@ -64,9 +70,14 @@ class DistillDatasetMapper(DatasetMapper):
             cache: the embedding cache; None attaches nothing.
             num_proposals: how many cached proposals (highest objectness first) per image.
             class_agnostic: every ground-truth box becomes class 0 (the stage-1 detector).
+            bad_images: an image that does not decode: "stop" (DatasetError naming it) or, in
+                training, "skip" it (detectron2 then draws another).
             kwargs: DatasetMapper's arguments.
         """
         super().__init__(is_train, **kwargs)
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise DatasetError(f"DATALOADER.BAD_IMAGES is '{bad_images}'; use one of {', '.join(BAD_IMAGE_POLICIES)}")
+        self.bad_images = bad_images
         self.cache = cache
         self.num_proposals = num_proposals
         self.class_agnostic = class_agnostic
@@ -92,7 +103,24 @@ class DistillDatasetMapper(DatasetMapper):
             check_cache_matches_config(ret["cache"], cfg)
         ret["num_proposals"] = cfg.MODEL.VILD.DISTILL.NUM_PROPOSALS
         ret["class_agnostic"] = cfg.MODEL.VILD.CLASS_AGNOSTIC_LABELS
+        ret["bad_images"] = cfg.DATALOADER.BAD_IMAGES
         return ret
+
+    def __call__(self, dataset_dict):
+        try:
+            return super().__call__(dataset_dict)
+        except UserError:
+            raise
+        except (OSError, SizeMismatchError) as e:  # what decoding a damaged image raises
+            path = dataset_dict.get("file_name")
+            if self.is_train and self.bad_images == "skip":
+                logger.warning(f"image {path} does not decode ({e}): skipped")
+                return None
+            raise DatasetError(
+                f"image {path} does not decode ({type(e).__name__}: {e}); replace it or take it out of "
+                "the dataset (tools/check_dataset.py lists every such file), or set "
+                "DATALOADER.BAD_IMAGES skip to train without it"
+            ) from None
 
     def _transform_annotations(self, dataset_dict, transforms, image_shape):
         super()._transform_annotations(dataset_dict, transforms, image_shape)

@@ -8,13 +8,13 @@ import os
 from dataclasses import dataclass
 from typing import List, Sequence, Union
 
-from ..utils import write_json
+from ..utils import UserError, write_json
 
 # the split files shipped with the package
 METADATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metadata")
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """A split file or split definition that cannot be used."""
 
 

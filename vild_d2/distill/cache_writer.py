@@ -13,6 +13,7 @@ cache; finalize reads the parts in order, writes the cache (manifest last) and r
 """
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,11 +22,15 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 
 from ..utils import atomic_write, digest, write_json
-from .embedding_cache import MANIFEST, CacheEntry, CacheError, write_cache
+from .embedding_cache import MANIFEST, CacheEntry, CacheError, cache_damage, read_manifest, write_cache
 
 __all__ = ["CacheWriter", "Chunk", "make_chunks"]
 
+logger = logging.getLogger(__name__)
+
 PARTS = "parts"
+# the manifest field that names what a key's value was computed from
+SOURCE_FIELDS = {"clip_fingerprint": "clip_model", "stage1_weights_sha256": "stage1_weights"}
 PART_KEY = "key.json"
 
 
@@ -74,8 +79,12 @@ class CacheWriter:
     the parts of its own chunks.
     """
 
-    def __init__(self, output_dir: str, key: dict):
+    def __init__(self, output_dir: str, key: dict, sources: Dict[str, str] = None):
+        """``sources``: for a key, what its value was computed from in this run (the CLIP model
+        behind ``clip_fingerprint``, the file behind ``stage1_weights_sha256``), named in the error
+        when an existing cache differs there; the manifest records the same of the cache."""
         self.output_dir = output_dir
+        self.sources = dict(sources or {})
         self.key = _canonical(key)
         self.key_hash = digest(self.key)
         self.parts_dir = os.path.join(output_dir, PARTS)
@@ -83,20 +92,28 @@ class CacheWriter:
     # ------------------------------------------------------------------ state
 
     def is_complete(self) -> bool:
-        """True for a finished cache of this key; CacheError for a finished cache of another."""
+        """True for a finished cache of this key whose files are the ones written (sizes and
+        sha256); False for none, or for a damaged one, which is then no longer marked finished;
+        CacheError for a finished cache of another key."""
         path = os.path.join(self.output_dir, MANIFEST)
         if not os.path.isfile(path):
             return False
-        with open(path) as f:
-            manifest = json.load(f)
+        manifest = read_manifest(self.output_dir)
         diff = _first_difference(manifest, self.key)
         if diff is not None:
             k, have, want = diff
+            was, now = manifest.get(SOURCE_FIELDS.get(k, ""), ""), self.sources.get(k, "")
             raise CacheError(
-                f"{self.output_dir} already holds an embedding cache with {k}={have!r}, but this "
-                f"run asks for {k}={want!r}; pass another --output-dir, or delete that one to "
+                f"{self.output_dir} already holds an embedding cache with {k}={have!r}"
+                f"{f' ({was})' if was else ''}, but this run asks for {k}={want!r}"
+                f"{f' ({now})' if now else ''}; pass another --output-dir, or delete that one to "
                 "rebuild it"
             )
+        damaged = cache_damage(self.output_dir, manifest)
+        if damaged:
+            logger.warning(f"embedding cache {damaged}: rebuilding it")
+            os.remove(path)
+            return False
         return True
 
     def prepare(self) -> None:

@@ -6,7 +6,8 @@ Layout of a finished cache directory (all arrays memory-mappable):
   scores.npy      float32 [N]     stage-1 objectness (after NMS, sorted descending per image)
   embeddings.npy  float16 [N, D]  L2-normalised CLIP image embeddings of the crops
   index.json      {"image_ids": [...], "offsets": [...]}: image i owns rows offsets[i]:offsets[i+1]
-  manifest.json   what produced the cache; written last, so its presence marks completion
+  manifest.json   what produced the cache and each file's size and sha256; written last, so its
+                  presence marks completion
 """
 
 import contextlib
@@ -17,13 +18,14 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..utils import atomic_write, write_json
+from ..utils import UserError, atomic_write, file_damage, file_record, write_json
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT_VERSION = 1
+FILES = ("boxes.npy", "scores.npy", "embeddings.npy", "index.json")
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A cache that is missing, incomplete or does not match its consumer."""
 
 
@@ -44,18 +46,26 @@ class EmbeddingCache:
                 f"embedding cache {cache_dir} is missing or unfinished (no {MANIFEST}); run "
                 "tools/precompute_clip_embeddings.py, which resumes an interrupted run"
             )
-        with open(manifest_path) as f:
-            self.manifest = json.load(f)
-        with open(os.path.join(cache_dir, "index.json")) as f:
-            index = json.load(f)
-        offsets = index["offsets"]
+        self.cache_dir = cache_dir
+        self.manifest = read_manifest(cache_dir)
+        # sizes only: reading a real cache through (tens of GB) is the precompute tool's check
+        damaged = cache_damage(cache_dir, self.manifest, checksum=False)
+        if damaged:
+            raise CacheError(f"embedding cache {damaged}; rerun tools/precompute_clip_embeddings.py "
+                             "with the same arguments, which rebuilds it")
+        try:
+            with open(os.path.join(cache_dir, "index.json")) as f:
+                index = json.load(f)
+            offsets = index["offsets"]
+            self.boxes = np.load(os.path.join(cache_dir, "boxes.npy"), mmap_mode="r")
+            self.scores = np.load(os.path.join(cache_dir, "scores.npy"), mmap_mode="r")
+            self.embeddings = np.load(os.path.join(cache_dir, "embeddings.npy"), mmap_mode="r")
+        except (OSError, ValueError, KeyError) as e:  # a cache written before files were recorded
+            raise CacheError(f"embedding cache {cache_dir} does not read ({e}); rebuild it with "
+                             "tools/precompute_clip_embeddings.py") from None
         self._rows: Dict[str, Tuple[int, int]] = {
             str(i): (offsets[k], offsets[k + 1]) for k, i in enumerate(index["image_ids"])
         }
-        self.cache_dir = cache_dir
-        self.boxes = np.load(os.path.join(cache_dir, "boxes.npy"), mmap_mode="r")
-        self.scores = np.load(os.path.join(cache_dir, "scores.npy"), mmap_mode="r")
-        self.embeddings = np.load(os.path.join(cache_dir, "embeddings.npy"), mmap_mode="r")
 
     @property
     def embed_dim(self) -> int:
@@ -87,11 +97,15 @@ class EmbeddingCache:
             np.asarray(self.embeddings[start:end]),
         )
 
-    def check_compatible(self, **expected) -> None:
+    def check_compatible(self, sources: Optional[Dict[str, str]] = None, **expected) -> None:
         """Raise one line naming both values when the manifest disagrees with ``expected``.
 
         Keys compared: any manifest key, e.g. clip_fingerprint, embed_dim, crop_scales.
+        ``sources``: for a key, what the expected value was computed from (the config's CLIP
+        model behind clip_fingerprint), named beside the cache's own (its manifest's clip_model).
         """
+        sources = sources or {}
+        cache_sources = {"clip_fingerprint": self.manifest.get("clip_model")}
         for key, want in expected.items():
             have = self.manifest.get(key)
             if isinstance(want, (list, tuple)):
@@ -99,11 +113,37 @@ class EmbeddingCache:
             else:
                 same = have == want
             if not same:
+                was, now = cache_sources.get(key), sources.get(key)
                 raise CacheError(
-                    f"embedding cache {self.cache_dir} has {key}={have!r} but the config asks for "
-                    f"{key}={want!r}; rebuild the cache with tools/precompute_clip_embeddings.py or "
-                    "point MODEL.VILD.DISTILL.CACHE_DIR at a matching one"
+                    f"embedding cache {self.cache_dir} has {key}={have!r}"
+                    f"{f' (from {was})' if was else ''} but the config asks for {key}={want!r}"
+                    f"{f' (from {now})' if now else ''}; rebuild the cache with "
+                    "tools/precompute_clip_embeddings.py or point MODEL.VILD.DISTILL.CACHE_DIR at a "
+                    "matching one"
                 )
+
+
+def read_manifest(cache_dir: str) -> dict:
+    """The manifest of a finished cache; CacheError, naming the folder, when there is none."""
+    path = os.path.join(cache_dir, MANIFEST)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CacheError(
+            f"embedding cache {cache_dir} is missing or unfinished ({MANIFEST}: {e}); run "
+            "tools/precompute_clip_embeddings.py, which resumes an interrupted run"
+        ) from None
+
+
+def cache_damage(cache_dir: str, manifest: dict, checksum: bool = True) -> Optional[str]:
+    """What is wrong with a finished cache's files against the sizes and sha256 its manifest
+    recorded when they were written ("<dir>/<file> has N bytes where M were written"), or None."""
+    for name, record in manifest.get("files", {}).items():
+        why = file_damage(os.path.join(cache_dir, name), record, checksum)
+        if why:
+            return f"{os.path.join(cache_dir, name)} {why}"
+    return None
 
 
 def write_cache(
@@ -133,6 +173,7 @@ def write_cache(
         num_images=len(ids),
         num_proposals_total=offsets[-1],
         embed_dim=int(dim),
+        files={name: file_record(os.path.join(cache_dir, name)) for name in FILES},
     )
     write_json(os.path.join(cache_dir, MANIFEST), manifest)
 

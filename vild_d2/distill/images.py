@@ -1,5 +1,6 @@
 """The training images, read once each for precompute: the uint8 RGB tensor the crops are cut
 from and, optionally, the stage-1 detector's input; decoded by worker processes ahead of use."""
+import os
 from typing import List, Sequence
 
 import numpy as np
@@ -8,9 +9,14 @@ from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from ..utils import UserError
 from .embedding_cache import CacheError
 
-__all__ = ["ImageReader", "image_loader", "load_images_list"]
+__all__ = ["ImageReadError", "ImageReader", "image_loader", "load_images_list"]
+
+
+class ImageReadError(UserError, OSError):
+    """An image file that is missing or does not decode."""
 
 
 def load_images_list(names: Sequence[str]) -> List[dict]:
@@ -25,6 +31,12 @@ def load_images_list(names: Sequence[str]) -> List[dict]:
                 "id, so precompute datasets without shared images"
             )
         seen.add(image_id)
+    missing = [d["file_name"] for d in dicts if not os.path.isfile(d["file_name"])]
+    if missing:  # before any work, not when a worker reaches the file
+        raise ImageReadError(
+            f"{len(missing)} of the {len(dicts)} images of {list(names)} are missing, e.g. {missing[0]}; "
+            "restore them or take them out of the dataset (tools/check_dataset.py lists every problem)"
+        )
     return dicts
 
 
@@ -41,6 +53,15 @@ class ImageReader:
         )
 
     def __call__(self, d: dict) -> dict:
+        try:
+            return self._read(d)
+        except (OSError, utils.SizeMismatchError) as e:
+            raise ImageReadError(
+                f"image {d['file_name']} does not read ({type(e).__name__}: {e}); replace it or take it "
+                "out of the dataset (tools/check_dataset.py lists every such file)"
+            ) from None
+
+    def _read(self, d: dict) -> dict:
         fmt = self.format if self.format in ("RGB", "BGR") else "RGB"
         image = utils.read_image(d["file_name"], format=fmt)
         utils.check_image_size(d, image)

@@ -179,9 +179,16 @@ def run_precompute(cfg, opts: PrecomputeOptions) -> dict:
     dicts = load_images_list(opts.datasets)
     image_ids = [str(d["image_id"]) for d in dicts]
     clip_model, info = load_clip(opts.clip_model, device="cpu")
+    if info.embed_dim != cfg.MODEL.VILD.EMBED_DIM:  # training would refuse the cache: stop before any work
+        raise CacheError(
+            f"CLIP model {opts.clip_model} embeds in {info.embed_dim} dimensions but the config's "
+            f"MODEL.VILD.EMBED_DIM is {cfg.MODEL.VILD.EMBED_DIM}; set MODEL.VILD.EMBED_DIM "
+            f"{info.embed_dim} (or pass the CLIP model the config names)"
+        )
     key = cache_key(cfg, opts, image_ids, info)
     output_dir = opts.output_dir or default_output_dir(cfg, opts, key)
-    writer = CacheWriter(output_dir, key)
+    writer = CacheWriter(output_dir, key, sources={"clip_fingerprint": opts.clip_model,
+                                                   "stage1_weights_sha256": cfg.MODEL.WEIGHTS})
     chunks = make_chunks(len(dicts), opts.chunk_size)
     result = {
         "output_dir": output_dir,

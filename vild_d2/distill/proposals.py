@@ -10,9 +10,10 @@ model gets one more, class-agnostic, NMS first).
 from typing import Optional, Tuple
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from torchvision.ops import nms
+
+from ..checkpoint import VerifiedCheckpointer
 
 __all__ = ["PROPOSAL_SCORE_THRESH", "PROPOSAL_SOURCE", "build_stage1_model", "select_proposals",
            "stage1_inference_cfg"]
@@ -33,7 +34,7 @@ def stage1_inference_cfg(cfg):
 
 def build_stage1_model(cfg):
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    VerifiedCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     return model.eval()
 
 

@@ -9,6 +9,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_vild_config
+from ..utils import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +24,10 @@ def load_cfg(config_file, opts=(), cpu_fallback: bool = True):
         cfg.merge_from_list(list(opts))
     except (AssertionError, KeyError) as e:  # how yacs refuses a key the config does not have
         reason = e.args[0] if e.args else type(e).__name__
-        raise ValueError(f"{config_file}: {reason}; check its spelling against vild_d2/config.py "
-                         "and detectron2's defaults") from None
+        raise ConfigError(f"{config_file}: {reason}; check its spelling against vild_d2/config.py "
+                          "and detectron2's defaults") from None
     if cpu_fallback and cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("CUDA is not available: running on the CPU (MODEL.DEVICE cpu)")
+        logger.info("CUDA is not available: running on the CPU (MODEL.DEVICE cpu)")
         cfg.MODEL.DEVICE = "cpu"
     return cfg
 

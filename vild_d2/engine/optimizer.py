@@ -3,6 +3,8 @@ import torch
 from detectron2.solver import build_optimizer as build_sgd
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
+from ..utils import ConfigError
+
 OPTIMIZERS = ("SGD", "AdamW")
 
 
@@ -11,7 +13,7 @@ def build_optimizer(cfg, model) -> torch.optim.Optimizer:
     if name == "SGD":
         return build_sgd(cfg, model)
     if name != "AdamW":
-        raise ValueError(f"SOLVER.OPTIMIZER is '{name}'; use one of {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"SOLVER.OPTIMIZER is '{name}'; use one of {', '.join(OPTIMIZERS)}")
     params = get_default_optimizer_params(
         model,
         base_lr=cfg.SOLVER.BASE_LR,

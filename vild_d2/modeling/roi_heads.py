@@ -21,6 +21,7 @@ from detectron2.structures import Instances, pairwise_ioa, pairwise_iou
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..utils import ConfigError
 from .text_predictor import ViLDTextPredictor
 
 MODES = ("text", "vild", "image", "ensemble")
@@ -76,11 +77,11 @@ class ViLDROIHeads(StandardROIHeads):
         """
         super().__init__(**kwargs)
         if mode not in MODES:
-            raise ValueError(f"MODEL.VILD.MODE must be one of {MODES}, got '{mode}'")
+            raise ConfigError(f"MODEL.VILD.MODE must be one of {MODES}, got '{mode}'")
         if label_assignment not in ("iou", "iot"):
-            raise ValueError(f"MODEL.VILD.LABEL_ASSIGNMENT must be 'iou' or 'iot', got '{label_assignment}'")
+            raise ConfigError(f"MODEL.VILD.LABEL_ASSIGNMENT must be 'iou' or 'iot', got '{label_assignment}'")
         if ensemble_test_head not in ("ensemble", "text", "image"):
-            raise ValueError(
+            raise ConfigError(
                 "MODEL.VILD.ENSEMBLE_TEST_HEAD must be 'ensemble', 'text' or 'image', "
                 f"got '{ensemble_test_head}'"
             )
@@ -90,16 +91,16 @@ class ViLDROIHeads(StandardROIHeads):
         self.ensemble_lambda = ensemble_lambda
         self.unlabelled_objectness = unlabelled_objectness
         if objectness_weight < 0:
-            raise ValueError(f"MODEL.VILD.OBJECTNESS_WEIGHT must be >= 0, got {objectness_weight}")
+            raise ConfigError(f"MODEL.VILD.OBJECTNESS_WEIGHT must be >= 0, got {objectness_weight}")
         self.objectness_weight = objectness_weight
         if image_temperature < 0:
-            raise ValueError(f"MODEL.VILD.IMAGE_TEMPERATURE must be >= 0, got {image_temperature}")
+            raise ConfigError(f"MODEL.VILD.IMAGE_TEMPERATURE must be >= 0, got {image_temperature}")
         self.image_temperature = image_temperature
         self.label_assignment = label_assignment
         self.iot_matcher = Matcher([iot_threshold], [0, 1], allow_low_quality_matches=False)
         if mode == "ensemble":
             if image_box_head is None:
-                raise ValueError("ViLD-ensemble needs image_box_head, a second box head")
+                raise ConfigError("ViLD-ensemble needs image_box_head, a second box head")
             self.image_box_head = image_box_head
             self.image_projection = nn.Linear(
                 _flat_size(image_box_head.output_shape), self.box_predictor.embed_dim

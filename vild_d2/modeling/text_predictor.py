@@ -17,6 +17,7 @@ from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Instances
 from torch import nn
 
+from ..utils import ConfigError
 from .vocabulary import resolve_class_embeddings
 
 
@@ -80,7 +81,7 @@ class ViLDTextPredictor(FastRCNNOutputLayers):
         """Swap the class embeddings (any number of classes); no retraining needed."""
         text_embeddings = torch.as_tensor(text_embeddings, dtype=torch.float32)
         if text_embeddings.ndim != 2 or text_embeddings.shape[1] != self.embed_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"class text embeddings have shape {tuple(text_embeddings.shape)}, expected "
                 f"[num_classes, {self.embed_dim}] (the model's MODEL.VILD.EMBED_DIM); compute them "
                 "with the CLIP model the detector was trained with"

@@ -6,6 +6,7 @@ from torch import nn
 from detectron2.data import MetadataCatalog
 
 from ..teacher.text_embeddings import text_embeddings_for
+from ..utils import ConfigError
 
 
 def class_embeddings(cfg, names: Sequence[str], synonyms=None) -> torch.Tensor:
@@ -21,7 +22,7 @@ def class_embeddings(cfg, names: Sequence[str], synonyms=None) -> torch.Tensor:
         synonyms=synonyms,
     )
     if emb.shape[1] != vild.EMBED_DIM:
-        raise ValueError(
+        raise ConfigError(
             f"CLIP model '{vild.CLIP_MODEL}' embeds in {emb.shape[1]} dimensions but "
             f"MODEL.VILD.EMBED_DIM is {vild.EMBED_DIM}; set MODEL.VILD.EMBED_DIM {emb.shape[1]}"
         )
@@ -90,7 +91,7 @@ def set_model_vocabulary(model, cfg, names: Sequence[str], novel: Optional[Seque
     """Point a built ViLD model (or CLIP on crops) at another vocabulary, without retraining."""
     owner = vocabulary_owner(model)
     if owner is None:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no text classifier to take a vocabulary; build it from a "
             "ViLD config (MODEL.ROI_HEADS.NAME ViLDROIHeads) or the CLIP-on-crops one"
         )

@@ -7,6 +7,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List
 
+from ..utils import UserError
+
+class StageError(UserError, RuntimeError):
+    """A tool the pipeline ran that failed; its own error line and its log name the cause."""
+
+
 # config keys that hold paths: the pipeline moves the ones under the configs' output root into its
 # own output folder
 PATH_KEYS = ("OUTPUT_DIR", "MODEL.WEIGHTS", "MODEL.VILD.DISTILL.CACHE_DIR",
@@ -56,6 +62,8 @@ class Command:
                                   stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
             with open(log_path) as f:
-                tail = f.read()[-4000:]
-            raise RuntimeError(f"{os.path.basename(self.tool)} failed (exit {proc.returncode}); "
-                               f"log {log_path}:\n{tail}")
+                lines = [line.strip() for line in f if line.strip()]
+            # a tool's own one-line error when it has one, else the log's last line
+            said = next((line for line in reversed(lines) if ": error: " in line), lines[-1] if lines else "")
+            raise StageError(f"{os.path.basename(self.tool)} failed (exit {proc.returncode}): {said} "
+                             f"(log: {shown(log_path)})")

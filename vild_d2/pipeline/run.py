@@ -10,10 +10,10 @@ match its inputs, the merged config of its command included.
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from ..distill.embedding_cache import FILES as CACHE_FILES
 from ..utils import digest
 from .commands import PATH_KEYS, Command, cfg_value, shown
 from .stages import StageRunner
@@ -179,8 +179,8 @@ class Pipeline:
 
     def training_stage(self, name: str, config: str, after: List[str], iters, weights=None,
                        threads: Optional[int] = None) -> dict:
-        """A training's arguments for StageRunner.run; a training of other inputs is removed
-        before it starts again (the same inputs resume from the last checkpoint)."""
+        """A training's arguments for StageRunner.run; a training of other inputs stays aside
+        until the new one is done (the same inputs resume from the last sound checkpoint)."""
         out_dir = os.path.join(self.out, name)
         cmd, key = self.command(self.train_net, config, ["--resume"], out_dir, weights, iters)
 
@@ -190,12 +190,12 @@ class Pipeline:
 
         return dict(name=name, key={"command": key}, fn=train, after=after,
                     outputs=[os.path.join(out_dir, "model_final.pth")],
-                    clean=lambda: shutil.rmtree(out_dir, ignore_errors=True))
+                    replaces=[out_dir])
 
     def precompute_stage(self, stage1_weights: str, after: List[str]) -> dict:
         """The CLIP cache's arguments for StageRunner.run: the cache the training configs read,
-        moved into this run's folder. A cache of other inputs is removed first: the cache refuses
-        to mix keys."""
+        moved into this run's folder. A cache of other inputs is moved aside first (the cache
+        refuses to mix keys), and deleted once the new one is done."""
         cache = self._relocated(self._cfg(TRAININGS["vild"]).MODEL.VILD.DISTILL.CACHE_DIR)
         cmd, key = self.command(self.precompute_tool, STAGE1, ["--output-dir", shown(cache)],
                                 os.path.join(self.out, "stage1"), weights=stage1_weights)
@@ -204,8 +204,8 @@ class Pipeline:
             return {"command": self._run(cmd, self.o.threads, "precompute"), "cache": cache}
 
         return dict(name="precompute", key={"command": key}, fn=precompute, after=after,
-                    outputs=[os.path.join(cache, "manifest.json")],
-                    clean=lambda: shutil.rmtree(cache, ignore_errors=True))
+                    outputs=[os.path.join(cache, f) for f in (*CACHE_FILES, "manifest.json")],
+                    replaces=[cache])
 
     def evaluation(self, row: str) -> Tuple[Command, str]:
         """The evaluation command of a results row, and its stage key."""
@@ -223,7 +223,7 @@ class Pipeline:
             return {"command": self._run(cmd, self.o.threads, f"eval_{row}"), "summary": summary}
 
         return dict(name=f"evaluate_{row}", key={"command": key}, fn=evaluate, after=after,
-                    outputs=[summary])
+                    outputs=[summary], replaces=[out_dir])
 
     # ---- the job ------------------------------------------------------------------------
     def run(self):

@@ -10,6 +10,7 @@ byte. :func:`ensure_world` builds a tree once and reuses it while its manifest m
 """
 
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -24,7 +25,10 @@ from tqdm import tqdm
 
 from ..data.datasets.builtin import datasets_root
 from ..data.splits import OVDSplit, SplitError, load_split, save_split
+from ..utils import UserError, file_damage, file_record
 from .render import COLOURS, SHAPES, SceneObject, render_scene
+
+logger = logging.getLogger(__name__)
 
 # Bump whenever a change to drawing or layout changes the bytes written for a config.
 GENERATOR_VERSION = 1
@@ -53,7 +57,7 @@ __all__ = [
 ]
 
 
-class WorldError(ValueError):
+class WorldError(UserError, ValueError):
     """A world configuration or output folder that cannot be used."""
 
 
@@ -282,8 +286,15 @@ def generate_world(
         with open(os.path.join(root, "ImageSets", "Main", f"{image_set}.txt"), "w") as f:
             f.writelines(f"{image_id(image_set, i)}\n" for i in range(n))
     save_split(split, os.path.join(root, "split.json"))
-    # The manifest goes last: its presence marks the tree complete.
-    manifest = dict(_manifest_key(cfg, split), image_sets=cfg.counts(), instances=instances)
+    # The manifest goes last: its presence marks the tree complete; it records every file's size
+    # and sha256, so that a damaged tree is generated again
+    files = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            files[os.path.relpath(path, root)] = file_record(path)
+    manifest = dict(_manifest_key(cfg, split), image_sets=cfg.counts(), instances=instances,
+                    files=dict(sorted(files.items())))
     with open(os.path.join(root, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")
@@ -304,12 +315,26 @@ def read_manifest(root: str) -> Optional[dict]:
         return None
 
 
+def world_damage(root: str, manifest: dict) -> Optional[str]:
+    """The first file of a finished tree that is not as written ("<file> is missing"), or None."""
+    for rel, record in manifest.get("files", {}).items():
+        why = file_damage(os.path.join(root, rel), record)
+        if why:
+            return f"{os.path.join(root, rel)} {why}"
+    return None
+
+
 def is_complete(root: str, cfg: WorldConfig, split: OVDSplit) -> bool:
-    """Whether ``root`` holds a finished tree generated from exactly this config and split."""
+    """Whether ``root`` holds a finished tree generated from exactly this config and split, every
+    file as it was written."""
     manifest = read_manifest(root)
-    if manifest is None:
+    if manifest is None or any(manifest.get(k) != v for k, v in _manifest_key(cfg, split).items()):
         return False
-    return all(manifest.get(k) == v for k, v in _manifest_key(cfg, split).items())
+    damaged = world_damage(root, manifest)
+    if damaged:
+        logger.warning(f"world {damaged}: generating it again")
+        return False
+    return True
 
 
 def _pid_alive(pid: int) -> bool:

@@ -17,7 +17,7 @@ import torch
 from ..data.splits import load_split
 from ..teacher.loader import TEACHER_CHECKPOINT, TEACHER_MANIFEST, file_fingerprint, load_clip
 from ..teacher.text_embeddings import encode_class_names
-from ..utils import digest, write_json
+from ..utils import UserError, digest, write_json
 from .archive import save_openai_archive
 from .generator import MANIFEST as WORLD_MANIFEST
 from .generator import read_manifest as read_world_manifest
@@ -39,7 +39,7 @@ TRAIN_SET, VAL_SET = "teacher", "teacher_val"
 _GENERATE_HINT = "generate it with datasets/prepare_shapes_ovd.py"
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError, ValueError):
     """A world or output folder the teacher cannot be trained from or written to."""
 
 

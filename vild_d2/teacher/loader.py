@@ -18,7 +18,7 @@ import clip
 import torch
 from clip.model import CLIP, build_model
 
-from ..utils import digest
+from ..utils import UserError, digest
 
 __all__ = [
     "CLIP_MEAN",
@@ -46,7 +46,7 @@ _ARCHIVE_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 _REQUIRED_KEYS = ("text_projection", "positional_embedding", "token_embedding.weight")
 
 
-class ClipLoadError(ValueError):
+class ClipLoadError(UserError, ValueError):
     """A CLIP spec that does not resolve to a loadable CLIP checkpoint."""
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..utils import atomic_write, digest, write_json
+from ..utils import UserError, atomic_write, digest, write_json
 from .templates import PromptEnsemble, resolve_prompts
 
 Synonyms = Optional[Sequence[Sequence[str]]]  # per class: the names it also goes by
@@ -27,8 +27,6 @@ def encode_class_names(model, names: Sequence[str], prompts, synonyms: Synonyms 
         prompts: a PromptEnsemble, or templates read as written.
         synonyms: per class, the names whose prompts are averaged (default: the class name alone).
     """
-    import clip
-
     ensemble = prompts if isinstance(prompts, PromptEnsemble) else PromptEnsemble(tuple(prompts))
     device = next(model.parameters()).device
     out = []
@@ -37,10 +35,29 @@ def encode_class_names(model, names: Sequence[str], prompts, synonyms: Synonyms 
         texts = [p for word in words for p in ensemble.prompts(word)]
         embs = []
         for i in range(0, len(texts), batch_size):
-            tokens = clip.tokenize(texts[i : i + batch_size], truncate=True).to(device)
+            tokens = _tokenize(texts[i : i + batch_size], name).to(device)
             embs.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
         out.append(F.normalize(torch.cat(embs).mean(0), dim=-1))
     return torch.stack(out).cpu() if out else torch.zeros(0, model.text_projection.shape[1])
+
+
+class PromptError(UserError, ValueError):
+    """A class name whose prompts do not fit CLIP's text encoder."""
+
+
+class TextEmbeddingsError(UserError, ValueError):
+    """A file of class text embeddings that does not serve the config's vocabulary or prompts."""
+
+
+def _tokenize(texts: Sequence[str], name: str) -> torch.Tensor:
+    import clip
+
+    try:
+        return clip.tokenize(list(texts))
+    except RuntimeError:  # clip.tokenize: "Input ... is too long for context length 77"
+        longest = max(texts, key=len)
+        raise PromptError(f"class name {name!r} makes a prompt longer than CLIP's 77 tokens "
+                          f"({longest[:60]!r}...); shorten the name") from None
 
 
 def text_embedding_record(clip_model: str, names: Sequence[str], prompt_spec: Sequence[str] = (),
@@ -122,7 +139,7 @@ def load_precomputed(path: str, names: Sequence[str], prompt_spec: Sequence[str]
     exactly len(names) rows.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise TextEmbeddingsError(
             f"text embeddings file {path} does not exist; write it with "
             "tools/compute_text_embeddings.py or clear MODEL.VILD.TEXT_EMBEDDINGS_PATH"
         )
@@ -136,13 +153,13 @@ def load_precomputed(path: str, names: Sequence[str], prompt_spec: Sequence[str]
         row = {n: i for i, n in enumerate(stored)}
         missing = [n for n in names if n not in row]
         if missing or len(stored) != len(emb):
-            raise ValueError(
+            raise TextEmbeddingsError(
                 f"text embeddings file {path} lacks classes {missing[:5]} (its names are in "
                 f"{sidecar}); recompute it for this vocabulary"
             )
         emb = emb[[row[n] for n in names]]
     elif emb.ndim != 2 or emb.shape[0] != len(names):
-        raise ValueError(
+        raise TextEmbeddingsError(
             f"text embeddings file {path} has shape {tuple(emb.shape)} but the vocabulary has "
             f"{len(names)} classes; recompute it for this vocabulary"
         )
@@ -155,13 +172,13 @@ def _check_prompts(path: str, record: dict, prompt_spec: Sequence[str], with_syn
         return
     want = resolve_prompts(prompt_spec)
     if record["templates"] != list(want.templates) or record.get("this_is", False) != want.this_is:
-        raise ValueError(
+        raise TextEmbeddingsError(
             f"text embeddings file {path} was made with other prompts than MODEL.VILD."
             f"PROMPT_TEMPLATES {list(prompt_spec)}; recompute it with tools/compute_text_embeddings.py "
             f"--templates {'|'.join(prompt_spec)}"
         )
     if bool(record.get("synonyms")) != with_synonyms:
-        raise ValueError(
+        raise TextEmbeddingsError(
             f"text embeddings file {path} was made {'without' if with_synonyms else 'with'} the "
             "classes' synonyms, the config asks the opposite (MODEL.VILD.TEXT_SYNONYMS); recompute "
             "it with tools/compute_text_embeddings.py" + ("" if with_synonyms else " without --synonyms")

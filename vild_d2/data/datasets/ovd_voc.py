@@ -8,17 +8,19 @@ A registered dataset is one of three subsets of a split:
 """
 import os
 import re
+import xml.etree.ElementTree as ET
 from typing import List, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import load_voc_instances
 
+from ...utils import UserError
 from ..splits import OVDSplit, load_split
 
 SUBSETS = ("base", "all")
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset on disk that does not match what its registration expects."""
 
 
@@ -36,6 +38,18 @@ def _check_tree(dirname: str, image_set: str, name: str) -> None:
         )
 
 
+def _annotation_naming(dirname: str, image_set: str, class_name: str) -> str:
+    """The first annotation file of ``image_set`` with an object named ``class_name``."""
+    with open(os.path.join(dirname, "ImageSets", "Main", f"{image_set}.txt")) as f:
+        ids = f.read().split()
+    for fileid in ids:
+        path = os.path.join(dirname, "Annotations", f"{fileid}.xml")
+        names = [obj.findtext("name") for obj in ET.parse(path).findall("object")]
+        if class_name in names:
+            return path
+    return os.path.join(dirname, "Annotations")
+
+
 def load_ovd_voc_instances(dirname: str, image_set: str, split: OVDSplit, subset: str, name: str = "") -> List[dict]:
     """detectron2's VOC dicts for ``image_set``, filtered and re-indexed for ``subset``."""
     _check_tree(dirname, image_set, name or dirname)
@@ -45,11 +59,14 @@ def load_ovd_voc_instances(dirname: str, image_set: str, split: OVDSplit, subset
         match = re.match(r"'(.*)' is not in list", str(e))
         if not match:
             raise
+        where = _annotation_naming(dirname, image_set, match.group(1))
         raise DatasetError(
-            f"dataset '{name}': an annotation under {os.path.join(dirname, 'Annotations')} names class "
-            f"'{match.group(1)}', which split '{split.name}' does not list; add it to the split's "
-            "'classes' or fix the annotation"
+            f"dataset '{name}': {where} names class '{match.group(1)}', which split '{split.name}' "
+            "does not list; add it to the split's 'classes' or fix the annotation"
         ) from None
+    except FileNotFoundError as e:  # an XML listed in the image set but absent
+        raise DatasetError(f"dataset '{name}': {e.filename} does not exist, but {image_set}.txt lists "
+                           "it; restore the file or take its id out of the list") from None
     if subset == "all":
         return dicts
     base_index = {c: i for i, c in enumerate(split.base_classes)}
